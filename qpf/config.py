@@ -1,0 +1,428 @@
+"""Frozen, validated configuration dataclasses for qpf models.
+
+Every component that can be swapped is chosen by name (its ``type``); the name selects both
+the config dataclass (here) and the Flax module (``qpf.registry``). A bad value raises
+``ConfigError`` naming the field, the value and the allowed range.
+
+Configs are plain frozen dataclasses of hashable values, so they can be static arguments of
+``jax.jit`` and round-trip through JSON with ``to_dict``/``from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar, get_args
+
+from qpf.ops.scan import SCAN_TYPES
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the allowed values."""
+
+
+def _require(cond: bool, obj: Any, field: str, allowed: str) -> None:
+    if not cond:
+        value = getattr(obj, field)
+        raise ConfigError(f"{type(obj).__name__}.{field} = {value!r} is invalid: allowed {allowed}")
+
+
+def _positive_int(obj: Any, *fields: str) -> None:
+    for f in fields:
+        v = getattr(obj, f)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, obj, f, "an int > 0")
+
+
+def _rate(obj: Any, *fields: str) -> None:
+    for f in fields:
+        v = getattr(obj, f)
+        _require(isinstance(v, int | float) and 0.0 <= v < 1.0, obj, f, "a float in [0, 1)")
+
+
+def _one_of(obj: Any, field: str, choices: tuple[str, ...]) -> None:
+    _require(getattr(obj, field) in choices, obj, field, f"one of {', '.join(choices)}")
+
+
+# ----------------------------------------------------------------------------- banks
+
+
+@dataclasses.dataclass(frozen=True)
+class SemanticBankConfig:
+    """Concept-attention bank (spec §6.1): softmax(2·cos) over a complex concept table."""
+
+    type: Literal["semantic"] = "semantic"
+    num_concepts: int = 512
+    num_layers: int = 2
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "num_concepts")
+        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+        _rate(self, "dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextBankConfig:
+    """Causal windowed phase modulation (spec §6.2); the only stateful bank."""
+
+    type: Literal["context"] = "context"
+    window_size: int = 8
+    num_layers: int = 2
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "window_size")
+        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageBankConfig:
+    """Per-language complex gate and projection (spec §6.3), chosen per batch row."""
+
+    type: Literal["language"] = "language"
+    num_languages: int = 16
+    num_layers: int = 2
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "num_languages")
+        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmotionBankConfig:
+    """Soft emotion-prototype injection (spec §6.4)."""
+
+    type: Literal["emotion"] = "emotion"
+    num_emotions: int = 8
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "num_emotions")
+
+
+@dataclasses.dataclass(frozen=True)
+class MorphologyBankConfig:
+    """Pattern attention plus rotated transform layers (spec §6.5)."""
+
+    type: Literal["morphology"] = "morphology"
+    num_patterns: int = 128
+    num_layers: int = 2
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "num_patterns")
+        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+        _rate(self, "dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class OrthographyBankConfig:
+    """Shape and script prototypes with real-gated layers (spec §6.6)."""
+
+    type: Literal["orthography"] = "orthography"
+    num_shape_patterns: int = 64
+    num_script_classes: int = 16
+    num_layers: int = 2
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "num_shape_patterns", "num_script_classes")
+        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+        _rate(self, "dropout")
+
+
+BankConfig = (
+    SemanticBankConfig
+    | ContextBankConfig
+    | LanguageBankConfig
+    | EmotionBankConfig
+    | MorphologyBankConfig
+    | OrthographyBankConfig
+)
+BANK_CONFIGS: dict[str, type] = {
+    c.__dataclass_fields__["type"].default: c for c in get_args(BankConfig)
+}
+
+
+# ----------------------------------------------------------------------- other parts
+
+
+@dataclasses.dataclass(frozen=True)
+class CouplerConfig:
+    """Interference coupler (spec §7): per-bank projection, phase, routing, fusion."""
+
+    type: Literal["interference"] = "interference"
+    dynamic_routing: bool = True
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _one_of(self, "type", ("interference",))
+        _require(isinstance(self.dynamic_routing, bool), self, "dynamic_routing", "a bool")
+        _rate(self, "dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Oscillatory SSM stack (spec §8).
+
+    ``scan_type`` picks the recurrence backend (see ``qpf.ops.scan``); ``chunk_size`` is the
+    chunk of the 'chunked' backend; ``unroll`` the lax.scan unroll of 'sequential'.
+    ``remat`` recomputes each layer in the backward pass to save activation memory.
+    """
+
+    type: Literal["oscillatory_ssm"] = "oscillatory_ssm"
+    state_dim: int = 512
+    num_layers: int = 8
+    damping_init: float = 0.1
+    layer_scale_init: float = 0.1
+    dropout: float = 0.1
+    scan_type: str = "sequential"
+    chunk_size: int = 128
+    unroll: int = 1
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self, "type", ("oscillatory_ssm",))
+        _positive_int(self, "state_dim", "num_layers", "chunk_size", "unroll")
+        _rate(self, "dropout")
+        _one_of(self, "scan_type", SCAN_TYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """Phase-associative memory (spec §9): top-k cosine read over learned complex slots.
+
+    ``key_chunk_size`` bounds the score block held at once: the [tokens, slots] matrix is
+    never materialised when num_slots > key_chunk_size.
+    """
+
+    type: Literal["phase_associative"] = "phase_associative"
+    num_slots: int = 512
+    top_k: int = 32
+    key_chunk_size: int = 2048
+    scale_init: float = 0.1
+
+    def __post_init__(self) -> None:
+        _one_of(self, "type", ("phase_associative",))
+        _positive_int(self, "num_slots", "top_k", "key_chunk_size")
+
+
+EPISODIC_REGIMES = ("chunked", "sliding", "original")
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodicConfig:
+    """Windowed single-head causal attention over the hidden states (spec §10).
+
+    regime:
+      'chunked'  - the original's rule for T > 2·window, for every length: queries in
+                   aligned blocks of ``window`` see keys from the start of the previous block
+                   up to (excluding) themselves (64-127 previous tokens). Streamable; what
+                   every original training run (T = 256) computed.
+      'sliding'  - each position sees exactly the previous ``window`` positions. Streamable.
+      'original' - the original's length-dependent switch: for T <= 2·window full causal
+                   attention *including* self with row 0 zeroed, else 'chunked'. Kept for
+                   parity; it depends on the total length, so it cannot be streamed.
+    """
+
+    window: int = 64
+    weight: float = 0.1
+    regime: str = "chunked"
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "window")
+        _one_of(self, "regime", EPISODIC_REGIMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class BytePatchConfig:
+    """Fixed byte patches (spec §11) with a causal MegaByte-style within-patch decoder."""
+
+    patch_size: int = 4
+    decoder_layers: int = 2
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "patch_size")
+        _require(self.decoder_layers >= 0, self, "decoder_layers", "an int >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MorphologyEmbedConfig:
+    """Vocabulary sizes of the root/prefix/suffix embedding (spec §5.3)."""
+
+    root_vocab_size: int = 16000
+    prefix_vocab_size: int = 512
+    suffix_vocab_size: int = 512
+    null_affix_id: int = 4
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "root_vocab_size", "prefix_vocab_size", "suffix_vocab_size")
+        for f in ("prefix_vocab_size", "suffix_vocab_size"):
+            _require(getattr(self, f) > self.null_affix_id, self, f, "> null_affix_id")
+
+
+INPUT_MODES = ("token", "byte_patch", "morphological")
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The full v4 phase-field model.
+
+    input_mode: 'token' (one id per position: BPE, or bytes without patching),
+      'byte_patch' (bytes grouped into patches of ``byte_patch.patch_size``) or
+      'morphological' (root, prefix, suffix ids per position, with affix heads).
+    banks: run in this order; the order sets the router's inputs and the coupling pairs.
+    memory / episodic: None disables the component.
+    dtype: compute dtype of GEMMs (parameters stay ``param_dtype``); norms, softmaxes and
+      the scan accumulate in float32.
+    """
+
+    vocab_size: int = 50257
+    dim: int = 256
+    input_mode: str = "token"
+    banks: tuple[BankConfig, ...] = (SemanticBankConfig(),)
+    coupler: CouplerConfig = CouplerConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    memory: MemoryConfig | None = MemoryConfig()
+    episodic: EpisodicConfig | None = EpisodicConfig()
+    byte_patch: BytePatchConfig = BytePatchConfig()
+    morphology: MorphologyEmbedConfig = MorphologyEmbedConfig()
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "vocab_size", "dim")
+        _one_of(self, "input_mode", INPUT_MODES)
+        _one_of(self, "dtype", DTYPES)
+        _one_of(self, "param_dtype", DTYPES)
+        _require(isinstance(self.banks, tuple), self, "banks", "a tuple of bank configs")
+        names = [b.type for b in self.banks]
+        _require(len(set(names)) == len(names), self, "banks", "distinct bank types")
+        for b in self.banks:
+            _require(type(b) in BANK_CONFIGS.values(), self, "banks", "registered bank configs")
+        if self.input_mode == "byte_patch":
+            _require(self.vocab_size >= 259, self, "vocab_size", ">= 259 in byte_patch mode")
+
+    @property
+    def bank_names(self) -> tuple[str, ...]:
+        return tuple(b.type for b in self.banks)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------- (de)serialisation
+
+
+def to_dict(cfg: Any) -> Any:
+    """A config dataclass (nested) -> plain JSON-able dicts and lists."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def _resolve_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, globalns=globals())
+
+
+def _decode(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        multi = len(options) > 1 and all(dataclasses.is_dataclass(a) for a in options)
+        if multi and isinstance(value, Mapping):
+            return _decode_union_dataclass(options, value, where)
+        return _decode(options[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping for {hint.__name__}, got {value!r}")
+        return from_dict(hint, value, where)
+    if origin is Literal:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _decode_union_dataclass(options: list[type], value: Mapping, where: str) -> Any:
+    by_type = {o.__dataclass_fields__["type"].default: o for o in options}
+    name = value.get("type")
+    if name not in by_type:
+        raise ConfigError(f"{where}.type = {name!r} is unknown: allowed {', '.join(by_type)}")
+    return from_dict(by_type[name], value, where)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -> T:
+    """Build config ``cls`` from a (nested) mapping; unknown keys are an error."""
+    where = where or cls.__name__
+    hints = _resolve_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {sorted(unknown)}; allowed fields: {sorted(known)}"
+        )
+    kwargs = {k: _decode(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
+
+
+def apply_overrides(
+    cfg: T, overrides: Mapping[str, str], parse: Callable[[str], Any] | None = None
+) -> T:
+    """Apply dotted ``key=value`` overrides (e.g. ``backbone.state_dim=64``) with validation.
+
+    Values are parsed as JSON when possible (numbers, true/false, null, lists, objects), else
+    taken as strings. ``banks=semantic,context`` is accepted as shorthand for default banks.
+    """
+    parse = parse or _parse_value
+    data = to_dict(cfg)
+    for key, raw in overrides.items():
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"--set {key}: no field {'.'.join(parts[: i + 1])!r}")
+            if node[part] is None:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is disabled (null)")
+            node = node[part]
+        leaf = parts[-1]
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"--set {key}: no field {key!r}")
+        node[leaf] = _parse_banks(raw) if leaf == "banks" else parse(raw)
+    return from_dict(type(cfg), data)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _parse_banks(raw: str) -> Any:
+    value = _parse_value(raw)
+    if isinstance(value, str):
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        return [{"type": n} for n in names]
+    return value

@@ -1,0 +1,115 @@
+"""Windowed causal attention in O(T·W), with a carried key/value history for streaming.
+
+Every query attends only to keys within ``2·window`` positions before it, so queries are
+processed in blocks of ``window`` against a static key window of three blocks (the two
+before and their own). The same function serves training (no history: positions before 0
+are masked) and streaming/decoding (the last ``2·window`` keys and values are carried), so
+the two agree exactly. Which keys a query may see is a rule on absolute positions:
+
+* ``chunked``: k in [window·(q//window - 1), q) — the original v4 rule for T > 128.
+* ``sliding``: k in [q - window, q).
+* ``causal``:  k in [0, q] (self included): the original's rule for T <= 128, only valid
+  when the whole sequence fits in the history span (T <= 2·window).
+
+Rows with no visible key return 0. Scores and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from qpf.ops import phase2d as p2d
+
+Array = jax.Array
+Rule = Literal["chunked", "sliding", "causal"]
+
+
+def visible(q_pos: Array, k_pos: Array, window: int, rule: Rule) -> Array:
+    """Boolean mask of keys visible to queries, broadcasting q_pos against k_pos."""
+    if rule == "chunked":
+        ok = (k_pos < q_pos) & (k_pos >= window * (q_pos // window - 1))
+    elif rule == "sliding":
+        ok = (k_pos < q_pos) & (k_pos >= q_pos - window)
+    elif rule == "causal":
+        ok = k_pos <= q_pos
+    else:
+        raise ValueError(f"unknown attention rule {rule!r}; use chunked, sliding or causal")
+    return ok & (k_pos >= 0)
+
+
+def _masked_attend(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+    """softmax(q k^T·scale) v over visible keys; fully masked rows give 0.
+
+    q ``[..., Q, D]``, k/v ``[..., K, D]``, mask ``[..., Q, K]`` -> ``[..., Q, D]``.
+    """
+    acc = p2d.acc_dtype(q.dtype)
+    s = jnp.einsum("...qd,...kd->...qk", q.astype(acc), k.astype(acc)) * scale
+    m = jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("...qk,...kd->...qd", p, v.astype(acc)) / jnp.where(den > 0, den, 1.0)
+    return out.astype(q.dtype)
+
+
+def windowed_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    start: Array | int,
+    *,
+    window: int,
+    rule: Rule,
+    history: tuple[Array, Array] | None = None,
+) -> tuple[Array, tuple[Array, Array]]:
+    """Single-head windowed causal attention with scale 1/sqrt(D).
+
+    Args:
+      q, k, v: ``[B, T, D]`` for positions start .. start+T-1.
+      start: absolute position of the first query (int or traced int32 scalar).
+      window: the window W; the history spans H = 2W positions.
+      rule: 'chunked', 'sliding' or 'causal' (see module docstring).
+      history: (keys, values) ``[B, H, D]`` of positions start-H .. start-1 (entries at
+        negative positions are ignored); zeros if None.
+
+    Returns:
+      (out ``[B, T, D]``, new history: the last H keys and values).
+    """
+    b, t, dim = q.shape
+    span = 2 * window
+    if history is None:
+        history = (jnp.zeros((b, span, dim), k.dtype), jnp.zeros((b, span, dim), v.dtype))
+    kk = jnp.concatenate([history[0].astype(k.dtype), k], axis=1)  # [B, H+T, D]
+    vv = jnp.concatenate([history[1].astype(v.dtype), v], axis=1)
+    scale = 1.0 / float(dim) ** 0.5
+    q_pos = start + jnp.arange(t, dtype=jnp.int32)
+    k_pos = start - span + jnp.arange(span + t, dtype=jnp.int32)
+    if t <= window:  # short chunks (decoding): attend to the whole (history + chunk) directly
+        mask = visible(q_pos[:, None], k_pos[None, :], window, rule)
+        out = _masked_attend(q, kk, vv, mask, scale)
+    else:
+        out = _blocked(q, kk, vv, q_pos, k_pos, window, rule, scale)
+    return out, (kk[:, -span:], vv[:, -span:])
+
+
+def _blocked(q, kk, vv, q_pos, k_pos, window, rule, scale) -> Array:
+    """Queries in blocks of W, each against its 3W-key window (two blocks back + own)."""
+    b, t, dim = q.shape
+    pad = (-t) % window
+    nb = (t + pad) // window
+    # Padded keys sit after every real query, so every rule masks them.
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(b, nb, window, dim)
+    kk = jnp.pad(kk, ((0, 0), (0, pad), (0, 0))).reshape(b, nb + 2, window, dim)
+    vv = jnp.pad(vv, ((0, 0), (0, pad), (0, 0))).reshape(b, nb + 2, window, dim)
+    q_pos = (q_pos[0] + jnp.arange(nb * window, dtype=jnp.int32)).reshape(nb, window)
+    k_pos = (k_pos[0] + jnp.arange((nb + 2) * window, dtype=jnp.int32)).reshape(nb + 2, window)
+    three = lambda x, ax: jnp.concatenate(  # noqa: E731
+        [jax.lax.slice_in_dim(x, i, i + nb, axis=ax) for i in range(3)], axis=ax + 1
+    )
+    kw, vw, kpw = three(kk, 1), three(vv, 1), three(k_pos, 0)  # [B, nb, 3W, D], [nb, 3W]
+    mask = visible(q_pos[:, :, None], kpw[:, None, :], window, rule)  # [nb, W, 3W]
+    out = _masked_attend(q, kw, vw, mask, scale)
+    return out.reshape(b, nb * window, dim)[:, :t]
