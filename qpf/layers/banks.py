@@ -154,7 +154,12 @@ class LanguageBank(_Bank):
 
 @BANKS.register("emotion")
 class EmotionBank(_Bank):
-    """Soft emotion prototypes: h = x + 0.1·Σ softmax(Re detector(x))_n E_n (spec §6.4)."""
+    """Soft emotion prototypes: h = x + 0.1·Σ softmax(Re detector(x))_n E_n (spec §6.4).
+
+    Only the real part of the original's complex detector is used, which is the real linear
+    map [x_r, x_i] @ [[W_r], [-W_i]] + b_r; it is stored as such (the imaginary bias of the
+    original never reached the output).
+    """
 
     cfg: cfgs.EmotionBankConfig = cfgs.EmotionBankConfig()
 
@@ -162,8 +167,8 @@ class EmotionBank(_Bank):
     def __call__(self, x, state=None, *, deterministic=True, language_ids=None):
         n, d = self.cfg.num_emotions, x.shape[-1]
         table = complex_table(self, "emotion_table", n, d, self.param_dtype)
-        scores = self.linear(n, "emotion_detector")(x)
-        e = jax.nn.softmax(p2d.split(scores)[0].astype(p2d.acc_dtype(x.dtype)), axis=-1)
+        scores = self.real_linear(n, "emotion_detector")(p2d.to_concat(x))
+        e = jax.nn.softmax(scores.astype(p2d.acc_dtype(x.dtype)), axis=-1)
         h = x + (RESIDUAL * prototype_mix(e, table)).astype(x.dtype)
         return self.linear(d, "proc")(self.norm("norm")(h)), None
 

@@ -38,6 +38,7 @@ _DEAD_PATTERNS = (
     r"slot_importance",  # module-level memory fixture
     r"(prefix|suffix)_proj\.(weight|bias)",  # module-level morphology bank fixture
     r"position_encoding",  # module-level orthography bank fixture
+    r"(banks\.emotion\.)?emotion_detector\.bias_imag",  # only Re(detector) is used
 )
 
 
@@ -158,10 +159,16 @@ def language_bank(sd: StateDict, prefix: str, cfg: cfgs.LanguageBankConfig) -> P
     }
 
 
+def real_part_of_linear(sd: StateDict, prefix: str) -> Params:
+    """Re(Phase2DLinear(x)) as a real map of the concat layout: [W_r; -W_i] and b_r."""
+    p = linear(sd, prefix)
+    return {"kernel": np.concatenate([p["kernel_re"], -p["kernel_im"]], 0), "bias": p["bias_re"]}
+
+
 def emotion_bank(sd: StateDict, prefix: str, cfg: cfgs.EmotionBankConfig) -> Params:
     return {
         "emotion_table": table(sd, _j(prefix, "emotion_embeds")),
-        "emotion_detector": linear(sd, _j(prefix, "emotion_detector")),
+        "emotion_detector": real_part_of_linear(sd, _j(prefix, "emotion_detector")),
         "proc": linear(sd, _j(prefix, "proc")),
         "norm": norm(sd, _j(prefix, "norm")),
     }

@@ -1,0 +1,67 @@
+"""The eight v4 presets (spec §3.2), with the original's preset batch size and learning rate.
+
+All presets keep the original's defaults: SSM state N = 2d, chunk 128, damping 0.1, dropout
+0.1, episodic window 64 with weight 0.1, semantic bank with 512 concepts and 2 layers, context
+bank with window 8 and 2 layers. BPE presets use the GPT-2 vocabulary (50257); ``-byte``
+presets use byte patches of 4 (vocabulary 259).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qpf import config as cfgs
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named model configuration with the original's per-preset batch size and LR."""
+
+    name: str
+    model: cfgs.ModelConfig
+    batch_size: int
+    learning_rate: float
+
+
+_BANKS = {
+    "semantic": cfgs.SemanticBankConfig(num_concepts=512, num_layers=2),
+    "context": cfgs.ContextBankConfig(window_size=8, num_layers=2),
+    "language": cfgs.LanguageBankConfig(),
+    "emotion": cfgs.EmotionBankConfig(),
+}
+
+# name: (dim, SSM layers, banks, memory slots, batch size, learning rate)
+_TABLE = {
+    "tiny": (64, 4, ("semantic",), 512, 16, 1e-3),
+    "small": (256, 8, ("semantic",), 512, 8, 1e-4),
+    "medium": (512, 12, ("semantic", "context"), 1024, 4, 5e-5),
+    "large": (768, 16, ("semantic", "context", "language", "emotion"), 8192, 2, 3e-5),
+    "tiny-byte": (64, 4, ("semantic", "context"), 256, 32, 1e-3),
+    "small-byte": (256, 8, ("semantic", "context"), 256, 16, 1e-4),
+    "medium-byte": (512, 12, ("semantic", "context"), 512, 8, 5e-5),
+    "large-byte": (768, 16, ("semantic",), 1024, 4, 3e-5),
+}
+
+
+def _build(name: str) -> Preset:
+    dim, layers, banks, slots, batch, lr = _TABLE[name]
+    byte = name.endswith("-byte")
+    model = cfgs.ModelConfig(
+        vocab_size=259 if byte else 50257,
+        dim=dim,
+        input_mode="byte_patch" if byte else "token",
+        banks=tuple(_BANKS[b] for b in banks),
+        backbone=cfgs.BackboneConfig(state_dim=2 * dim, num_layers=layers),
+        memory=cfgs.MemoryConfig(num_slots=slots),
+    )
+    return Preset(name=name, model=model, batch_size=batch, learning_rate=lr)
+
+
+PRESETS: dict[str, Preset] = {name: _build(name) for name in _TABLE}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; an unknown name lists the valid ones."""
+    if name not in PRESETS:
+        raise cfgs.ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

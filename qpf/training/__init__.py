@@ -1,0 +1,1 @@
+"""Training: objectives, optimizer, the jitted train step, evaluation, checkpoints, loop."""

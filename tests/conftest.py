@@ -1,0 +1,95 @@
+"""Shared test fixtures: the reference folder, golden fixture files, float64 mode.
+
+``../shared`` (or ``QPF_SHARED_DIR``) holds the golden outputs of the original PyTorch code
+and the corpora. When it is absent, tests that need it are skipped with a reason; with
+``QPF_REQUIRE_SHARED=1`` (set by ``.ci/run``) a missing folder is a failure instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from pathlib import Path
+
+# Small test shapes spend most of their time in XLA's CPU compiler; its lowest optimisation
+# level halves the suite's wall time. Set XLA_FLAGS yourself to override.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir_or_none() -> Path | None:
+    env = os.environ.get("QPF_SHARED_DIR")
+    path = Path(env) if env else REPO.parent / "shared"
+    return path.resolve() if path.is_dir() else None
+
+
+def require_shared() -> Path:
+    """The shared folder, or skip (fail under QPF_REQUIRE_SHARED=1) with the reason."""
+    path = shared_dir_or_none()
+    if path is None:
+        where = os.environ.get("QPF_SHARED_DIR") or str(REPO.parent / "shared")
+        reason = f"shared reference folder not found at {where} (set QPF_SHARED_DIR)"
+        if os.environ.get("QPF_REQUIRE_SHARED") == "1":
+            pytest.fail(f"QPF_REQUIRE_SHARED=1 but {reason}")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return require_shared()
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(shared_dir: Path) -> Path:
+    return shared_dir / "fixtures"
+
+
+def load_fixture(name: str) -> dict[str, np.ndarray]:
+    """A module fixture from shared/fixtures as a dict (skips if the folder is absent)."""
+    with np.load(require_shared() / "fixtures" / name) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ------------------------------------------------------------------ golden model files
+
+
+def golden_patterns() -> list[str]:
+    """Patterns from QPF_V4_GOLDEN (os.pathsep-separated paths or globs), or the default."""
+    env = os.environ.get("QPF_V4_GOLDEN")
+    if env:
+        return [p for p in env.split(os.pathsep) if p]
+    shared = shared_dir_or_none()
+    if shared is None:
+        return []
+    return [str(shared / "fixtures" / "v4_golden_*.npz")]
+
+
+def golden_files() -> list[str]:
+    files: list[str] = []
+    for pattern in golden_patterns():
+        files.extend(sorted(glob.glob(pattern)))
+    return sorted(dict.fromkeys(files))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "golden_path" in metafunc.fixturenames:
+        files = golden_files()
+        ids = [Path(f).stem for f in files]
+        # With no file the test still runs once and skips or fails with the reason.
+        metafunc.parametrize("golden_path", files or [None], ids=ids or ["no-golden-files"])
+
+
+@pytest.fixture
+def x64():
+    """Run the test body with float64 enabled (restored afterwards)."""
+    ctx = jax.enable_x64(True) if hasattr(jax, "enable_x64") else contextlib.nullcontext()
+    with ctx:
+        yield

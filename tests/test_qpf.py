@@ -1,0 +1,156 @@
+"""The full model: causality, gradients to every parameter, streaming, mixed precision."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qpf import config as cfgs
+from qpf.models import QPFModel, init_state
+from qpf.training.objectives import LossConfig, objective_terms, total_loss
+
+ALL_BANKS = (
+    cfgs.SemanticBankConfig(num_concepts=5, num_layers=1),
+    cfgs.ContextBankConfig(window_size=3, num_layers=1),
+    cfgs.LanguageBankConfig(num_languages=3, num_layers=1),
+    cfgs.EmotionBankConfig(num_emotions=3),
+    cfgs.MorphologyBankConfig(num_patterns=5, num_layers=1),
+    cfgs.OrthographyBankConfig(num_shape_patterns=5, num_script_classes=3, num_layers=1),
+)
+
+
+def small_config(mode: str = "token", banks=ALL_BANKS, regime="chunked", **kw) -> cfgs.ModelConfig:
+    base = dict(
+        vocab_size=259 if mode == "byte_patch" else 31,
+        dim=6,
+        input_mode=mode,
+        banks=banks,
+        backbone=cfgs.BackboneConfig(state_dim=7, num_layers=2),
+        memory=cfgs.MemoryConfig(num_slots=5, top_k=3, key_chunk_size=3),
+        episodic=cfgs.EpisodicConfig(window=4, regime=regime),
+        byte_patch=cfgs.BytePatchConfig(patch_size=3, decoder_layers=1),
+        morphology=cfgs.MorphologyEmbedConfig(
+            root_vocab_size=31, prefix_vocab_size=7, suffix_vocab_size=6
+        ),
+    )
+    base.update(kw)
+    return cfgs.ModelConfig(**base)
+
+
+def random_tokens(config: cfgs.ModelConfig, batch: int, t: int, seed: int = 0) -> jax.Array:
+    key = jax.random.key(seed)
+    if config.input_mode == "morphological":
+        m = config.morphology
+        ks = jax.random.split(key, 3)
+        return jnp.stack(
+            [
+                jax.random.randint(k, (batch, t), 0, v)
+                for k, v in zip(ks, (m.root_vocab_size, m.prefix_vocab_size, m.suffix_vocab_size))
+            ],
+            -1,
+        )
+    return jax.random.randint(key, (batch, t), 0, min(config.vocab_size, 256))
+
+
+def build(config, batch=2, t=18, seed=0):
+    model = QPFModel(config)
+    tokens = random_tokens(config, batch, t, seed)
+    params = model.init(jax.random.key(seed + 1), tokens)["params"]
+    return model, params, tokens
+
+
+@pytest.mark.parametrize(
+    ("mode", "regime"),
+    [
+        ("token", "chunked"),
+        ("token", "original"),
+        ("token", "sliding"),
+        ("byte_patch", "chunked"),
+        ("morphological", "chunked"),
+    ],
+)
+def test_logits_at_t_ignore_tokens_after_t(mode, regime):
+    config = small_config(mode, regime=regime)
+    model, params, tokens = build(config, t=15)
+    apply = jax.jit(lambda x: model.apply({"params": params}, x).logits)
+    base = apply(tokens)
+    for t in (0, 4, 8, 13):
+        changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 1) % 5)
+        np.testing.assert_allclose(
+            apply(changed)[:, : t + 1],
+            base[:, : t + 1],
+            rtol=1e-6,
+            atol=1e-7,
+            err_msg=f"position {t} saw the future",
+        )
+        assert not np.allclose(apply(changed)[:, t + 1 :], base[:, t + 1 :])
+
+
+def test_original_byte_patcher_leak_is_fixed():
+    """In the original, byte t+1 changed logits[t] at in-patch positions 0-2 (spec §11.3)."""
+    config = small_config("byte_patch", banks=ALL_BANKS[:1])
+    model, params, tokens = build(config, t=12)
+    apply = jax.jit(lambda x: model.apply({"params": params}, x).logits)
+    base = apply(tokens)
+    for t in range(11):
+        moved = apply(tokens.at[:, t + 1].set((tokens[:, t + 1] + 7) % 256))
+        np.testing.assert_array_equal(moved[:, t], base[:, t])
+
+
+@pytest.mark.parametrize("mode", ["token", "byte_patch", "morphological"])
+def test_every_parameter_receives_gradient_from_the_training_loss(mode):
+    config = small_config(mode, regime="sliding")
+    model, params, tokens = build(config, batch=3, t=24)
+    languages = jnp.array([0, 1, 2])
+    mask = jnp.ones(tokens.shape[:2], bool)
+    loss_cfg = LossConfig(energy=0.01)
+
+    def loss(p):
+        out = model.apply(
+            {"params": p},
+            tokens,
+            deterministic=False,
+            language_ids=languages,
+            rngs={"dropout": jax.random.key(5)},
+        )
+        return total_loss(objective_terms(out, tokens, mask, loss_cfg), loss_cfg)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    dead = [jax.tree_util.keystr(path) for path, g in flat if not np.any(np.asarray(g) != 0)]
+    assert not dead, f"parameters with zero gradient: {dead}"
+    assert all(np.all(np.isfinite(np.asarray(g))) for _, g in flat)
+
+
+@pytest.mark.parametrize(
+    ("mode", "banks", "regime", "cuts"),
+    [
+        ("token", ALL_BANKS[:1], "chunked", (0, 1, 9, 10, 22)),
+        ("token", ALL_BANKS, "sliding", (0, 5, 6, 17, 22)),
+        ("token", ALL_BANKS[:2], "chunked", (0, 11, 12, 13, 22)),
+        ("byte_patch", ALL_BANKS[:2], "chunked", (0, 3, 12, 21, 22)),
+        ("morphological", ALL_BANKS[1:2], "sliding", (0, 2, 15, 22)),
+    ],
+)
+def test_processing_in_pieces_with_carried_state_equals_one_pass(mode, banks, regime, cuts):
+    config = small_config(mode, banks=banks, regime=regime)
+    model, params, tokens = build(config, t=22, seed=3)
+    apply = jax.jit(lambda x, s: model.apply({"params": params}, x, s))
+    full = model.apply({"params": params}, tokens).logits
+    state, pieces = init_state(config, tokens.shape[0]), []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        out = apply(tokens[:, a:b], state)
+        state, pieces = out.state, [*pieces, out.logits]
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=1e-4, atol=1e-5)
+    assert int(state["pos"]) == tokens.shape[1]
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    config = small_config(banks=ALL_BANKS[:2])
+    model, params, tokens = build(config)
+    f32 = model.apply({"params": params}, tokens).logits
+    bf16 = QPFModel(config.replace(dtype="bfloat16")).apply({"params": params}, tokens)
+    assert bf16.logits.dtype == jnp.bfloat16 and bf16.state["backbone"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(bf16.logits, np.float32), f32, atol=5e-2)

@@ -1,0 +1,151 @@
+"""Scan backends against the sequential reference and numpy complex arithmetic."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qpf.ops import scan
+
+B, N = 3, 5
+# Jitted: eager mode would compile each of associative_scan's many small ops separately.
+osc = jax.jit(scan.oscillatory_scan, static_argnames=("scan_type", "chunk_size", "unroll"))
+lin = jax.jit(
+    scan.linear_scan, static_argnames=("scan_type", "chunk_size", "unroll", "complex_pairs")
+)
+BACKENDS = [
+    ("associative", {}),
+    ("chunked", {"chunk_size": 4}),
+    ("chunked", {"chunk_size": 16}),
+    ("sequential", {"unroll": 4}),
+]
+
+
+def inputs(t: int, seed: int = 0, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(seed), 5)
+    gate = jax.random.normal(k[0], (B, t, N), dtype)
+    bx = jax.random.normal(k[1], (B, t, 2, N), dtype)
+    damping = jax.random.normal(k[2], (N,))
+    skew = jax.random.normal(k[3], (N,))
+    h0 = jax.random.normal(k[4], (B, 2, N))
+    return gate, bx, damping, skew, h0
+
+
+def numpy_reference(gate, bx, damping, skew, h0):
+    """The recurrence in numpy complex128, step by step."""
+    gate, bx, damping, skew, h0 = (np.asarray(x, np.float64) for x in (gate, bx, damping, skew, h0))
+    g = 1 / (1 + np.exp(-gate))
+    delta = 0.5 + 0.5 / (1 + np.exp(-damping))
+    rot = ((1 - skew**2) + 2j * skew) / (1 + skew**2)
+    b = g * (bx[:, :, 0] + 1j * bx[:, :, 1])
+    a = (1 - g) * delta * rot
+    h = h0[:, 0] + 1j * h0[:, 1]
+    hs = []
+    for t in range(gate.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    hs = np.stack(hs, 1)
+    return np.stack([hs.real, hs.imag], 2), np.stack([h.real, h.imag], 1)
+
+
+@pytest.mark.parametrize("t", [1, 7, 37])
+def test_sequential_matches_numpy_complex(t):
+    args = inputs(t)
+    h, h_last = osc(*args)
+    want_h, want_last = numpy_reference(*args)
+    np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h_last, want_last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("backend", "kw"), BACKENDS)
+@pytest.mark.parametrize("t", [1, 13, 37])
+def test_backends_match_sequential_forward_float32(backend, kw, t):
+    args = inputs(t, seed=t)
+    ref = osc(*args)
+    got = osc(*args, scan_type=backend, **kw)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("backend", "kw"), BACKENDS)
+def test_backends_match_sequential_gradients_float32(backend, kw):
+    args = inputs(13, seed=3)
+    w = jax.random.normal(jax.random.key(9), (B, 13, 2, N))
+
+    def loss(scan_type, kwargs, *a):
+        h, h_last = scan.oscillatory_scan(*a, scan_type=scan_type, **kwargs)
+        return jnp.sum(h * w) + jnp.sum(jnp.sin(h_last))
+
+    def grads(scan_type, kwargs):
+        return jax.jit(jax.grad(lambda *a: loss(scan_type, kwargs, *a), tuple(range(5))))(*args)
+
+    ref = grads("sequential", {})
+    got = grads(backend, kw)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("backend", "kw"), BACKENDS)
+def test_backends_bfloat16_inputs_accumulate_in_float32(backend, kw):
+    args = inputs(19, seed=5, dtype=jnp.bfloat16)
+    h, h_last = osc(*args, scan_type=backend, **kw)
+    assert h.dtype == jnp.bfloat16 and h_last.dtype == jnp.float32
+    want_h, want_last = numpy_reference(*args)
+    np.testing.assert_allclose(np.asarray(h, np.float32), want_h, rtol=3e-2, atol=3e-2)
+    np.testing.assert_allclose(h_last, want_last, rtol=1e-3, atol=1e-3)
+
+    def grad_bx(**options):
+        f = lambda bx: jnp.sum(scan.oscillatory_scan(args[0], bx, *args[2:], **options)[0])  # noqa: E731
+        return jax.jit(jax.grad(f))(args[1])
+
+    grads, ref = grad_bx(scan_type=backend, **kw), grad_bx()
+    np.testing.assert_allclose(
+        np.asarray(grads, np.float32), np.asarray(ref, np.float32), rtol=5e-2, atol=5e-2
+    )
+
+
+@pytest.mark.parametrize(("backend", "kw"), [*BACKENDS, ("sequential", {})])
+def test_two_pieces_with_carried_state_equal_one_pass(backend, kw):
+    gate, bx, damping, skew, h0 = inputs(23, seed=7)
+    full, full_last = osc(gate, bx, damping, skew, h0, scan_type=backend, **kw)
+    a, a_last = osc(gate[:, :11], bx[:, :11], damping, skew, h0, scan_type=backend, **kw)
+    b, b_last = osc(gate[:, 11:], bx[:, 11:], damping, skew, a_last, scan_type=backend, **kw)
+    np.testing.assert_allclose(jnp.concatenate([a, b], 1), full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b_last, full_last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [7, 8, 9, 10, 17, 24])
+def test_final_state_is_exact_for_lengths_around_the_chunk(t):
+    """The original advanced its state through zero padding when T % 128 != 0 (bug 22.3);
+    the same lengths relative to a chunk of 8 exercise the same padding logic."""
+    args = inputs(t, seed=t)
+    _, want_last = numpy_reference(*args)
+    _, got = osc(*args, scan_type="chunked", chunk_size=8)
+    np.testing.assert_allclose(got, want_last, rtol=1e-5, atol=1e-5)
+
+
+def test_real_recurrence_and_default_zero_state():
+    k = jax.random.split(jax.random.key(1), 2)
+    a = jax.random.uniform(k[0], (2, 19, 3))
+    b = jax.random.normal(k[1], (2, 19, 3))
+    want = np.zeros((2, 3))
+    rows = []
+    for t in range(19):
+        want = np.asarray(a[:, t]) * want + np.asarray(b[:, t])
+        rows.append(want)
+    for backend in ("sequential", "associative", "chunked"):
+        h, h_last = lin(a, b, scan_type=backend, chunk_size=8, complex_pairs=False)
+        np.testing.assert_allclose(h, np.stack(rows, 1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(h_last, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_raise_clear_errors():
+    a = jnp.ones((1, 4, 2, 3))
+    with pytest.raises(ValueError, match="scan_type"):
+        scan.linear_scan(a, a, scan_type="bogus")
+    with pytest.raises(ValueError, match="same shape"):
+        scan.linear_scan(a, a[:, :2])
+    with pytest.raises(ValueError, match="h0"):
+        scan.linear_scan(a, a, jnp.zeros((2, 2, 3)))
