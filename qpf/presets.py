@@ -8,19 +8,9 @@ presets use byte patches of 4 (vocabulary 259).
 
 from __future__ import annotations
 
-import dataclasses
-
 from qpf import config as cfgs
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """A named model configuration with the original's per-preset batch size and LR."""
-
-    name: str
-    model: cfgs.ModelConfig
-    batch_size: int
-    learning_rate: float
+from qpf.models.family import ModelFamily, Preset, register_family
+from qpf.models.qpf import QPFModel, init_state
 
 
 _BANKS = {
@@ -65,3 +55,14 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise cfgs.ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+QPF_FAMILY = register_family(
+    ModelFamily(
+        name="qpf",
+        config_cls=cfgs.ModelConfig,
+        build=lambda config: QPFModel(config=config),
+        init_state=lambda config, batch_size, max_len: init_state(config, batch_size),
+        presets=PRESETS,
+    )
+)

@@ -46,7 +46,8 @@ class ModelOutput:
     """What a forward pass returns.
 
     logits: ``[B, T, V]``, logits[t] scores token t+1 (every input mode).
-    phase_states: the LM-head input ``[B, T', 2, d]`` (T' = complete patches in byte mode).
+    phase_states: the LM-head input ``[B, T', 2, d]`` (T' = complete patches in byte mode);
+      None for models without phase states (baselines).
     coupling_loss: the original's coupling loss (0 with fewer than two banks).
     state: the decoding state after this input (see ``init_state``).
     prefix_logits / suffix_logits: affix heads ``[B, T, V_affix]`` (morphological mode).
@@ -54,7 +55,7 @@ class ModelOutput:
     """
 
     logits: Array
-    phase_states: Array
+    phase_states: Array | None
     coupling_loss: Array
     state: State
     prefix_logits: Array | None = None

@@ -66,15 +66,18 @@ def objective_terms(out: Any, tokens: Array, mask: Array, cfg: LossConfig) -> di
     targets = roots[:, 1:]
     tmask = mask[:, 1:]  # logits[t] scores token t+1 when that token is real
     ce_sum, count = losses.token_cross_entropy(out.logits[:, :-1], targets, tmask)
-    smask = state_mask(mask, out.phase_states.shape[1])
     terms = {
         "ce_sum": ce_sum,
         "tokens": count,
         "ce": ce_sum / jnp.maximum(count, 1.0),
-        "coherence": losses.coherence_loss(out.phase_states, smask),
-        "coupling": out.coupling_loss.astype(ce_sum.dtype),
-        "energy": losses.energy_loss(out.phase_states, cfg.energy_target, smask),
+        "coupling": jnp.asarray(out.coupling_loss, ce_sum.dtype),
     }
+    if out.phase_states is None:  # non-phase models (baselines) have no phase objectives
+        terms["coherence"] = terms["energy"] = jnp.zeros((), ce_sum.dtype)
+    else:
+        smask = state_mask(mask, out.phase_states.shape[1])
+        terms["coherence"] = losses.coherence_loss(out.phase_states, smask)
+        terms["energy"] = losses.energy_loss(out.phase_states, cfg.energy_target, smask)
     if out.prefix_logits is not None:
         pre, _ = losses.token_cross_entropy(out.prefix_logits[:, :-1], tokens[:, 1:, 1], tmask)
         suf, _ = losses.token_cross_entropy(out.suffix_logits[:, :-1], tokens[:, 1:, 2], tmask)
