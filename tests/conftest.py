@@ -93,3 +93,9 @@ def x64():
     ctx = jax.enable_x64(True) if hasattr(jax, "enable_x64") else contextlib.nullcontext()
     with ctx:
         yield
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared corpora folder (``shared/data``), or skip like ``require_shared``."""
+    return require_shared() / "data"

@@ -38,6 +38,7 @@ import itertools
 import os
 import re
 import urllib.request
+import warnings
 from pathlib import Path
 
 DEFAULT_EVAL_FRACTION = 0.1
@@ -154,11 +155,11 @@ _WIKI_TITLE = re.compile(r"^ = [^=].* = $", re.MULTILINE)
 
 def split_articles(text: str) -> list[str]:
     """WikiText articles: each starts at a top-level `` = Title = `` line."""
-    starts = [m.start() for m in _WIKI_TITLE.finditer(text)] or [0]
-    starts[0] = 0
-    bounds = [*starts, len(text)]
-    docs = [text[a:b].strip("\n") for a, b in itertools.pairwise(bounds)]
-    return [d for d in docs if d.strip()]
+    starts = [m.start() for m in _WIKI_TITLE.finditer(text)]
+    bounds = [0, *[s for s in starts if s > 0], len(text)]
+    # Trailing blank lines go; the leading space of " = Title = " stays.
+    docs = [text[a:b].rstrip() for a, b in itertools.pairwise(bounds)]
+    return [d for d in docs if d]
 
 
 def tail_split(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
@@ -225,7 +226,9 @@ def pydoc_documents() -> list[str]:
             elif inspect.isfunction(obj):
                 objs.append(obj)
         for obj in objs:
-            doc = inspect.getdoc(obj)
+            with warnings.catch_warnings():  # e.g. typing.io's deprecation on attribute access
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(obj)
             if doc and len(doc) > 40:
                 docs.append(doc)
     return list(dict.fromkeys(docs))  # drop repeats (inherited docs), keep order
