@@ -16,10 +16,9 @@ from pathlib import Path
 # level halves the suite's wall time. Set XLA_FLAGS yourself to override.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
+import jax
+import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -77,7 +77,8 @@ def test_chunked_rule_window_spans_64_to_127_previous_tokens():
     q = jnp.arange(64, 256)[:, None]
     k = jnp.arange(256)[None, :]
     counts = np.asarray(visible(q, k, 64, "chunked").sum(-1))
-    assert counts.min() == 64 and counts.max() == 127
+    assert counts.min() == 64
+    assert counts.max() == 127
 
 
 def test_unknown_rule_raises():

@@ -60,8 +60,10 @@ def test_overrides_apply_dotted_paths_and_validate():
             "coupler.dynamic_routing": "false",
         },
     )
-    assert cfg.backbone.state_dim == 96 and cfg.bank_names == ("semantic", "context")
-    assert cfg.memory is None and cfg.episodic.regime == "sliding"
+    assert cfg.backbone.state_dim == 96
+    assert cfg.bank_names == ("semantic", "context")
+    assert cfg.memory is None
+    assert cfg.episodic.regime == "sliding"
     assert cfg.coupler.dynamic_routing is False
     with pytest.raises(cfgs.ConfigError, match="no field"):
         cfgs.apply_overrides(base, {"backbone.depth": "3"})

@@ -52,4 +52,5 @@ def test_byte_decoder_target_sees_only_earlier_positions_of_its_patch():
     for p in range(4):
         moved = dec.apply({"params": params}, prev.at[:, :, p].set((prev[:, :, p] + 1) % 259), ctx)
         diff = np.asarray(jnp.abs(moved - base).max(axis=(0, 1, 3)))
-        assert np.all(diff[:p] == 0) and np.all(diff[p:] > 0)
+        assert np.all(diff[:p] == 0)
+        assert np.all(diff[p:] > 0)

@@ -31,7 +31,8 @@ def test_layer_norm_matches_the_formula_and_flips_phase_of_below_mean_elements()
     m = np.sqrt((x**2).sum(-2))
     below = m < m.mean(-1, keepdims=True)
     cos = (got * x).sum(-2) / (np.sqrt((got**2).sum(-2)) * m)
-    assert np.all(cos[below] < -0.999) and np.all(cos[~below] > 0.999)
+    assert np.all(cos[below] < -0.999)
+    assert np.all(cos[~below] > 0.999)
 
 
 def test_parity_phase2d_layernorm_fixture():
@@ -66,5 +67,6 @@ def test_activations_match_their_definitions():
     dropped = np.asarray(norms.real_part_dropout(jnp.asarray(u), 0.5, jax.random.key(3)))
     ratio = (dropped - u) / u  # = 2·Re u where kept, 0 where dropped
     kept = np.abs(ratio[:, 0] - 2 * re) < 1e-3
-    assert np.all(kept | (np.abs(ratio[:, 0]) < 1e-5)) and 0 < kept.mean() < 1
+    assert np.all(kept | (np.abs(ratio[:, 0]) < 1e-5))
+    assert 0 < kept.mean() < 1
     np.testing.assert_allclose(ratio[:, 0], ratio[:, 1], rtol=1e-3, atol=1e-4)

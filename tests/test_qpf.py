@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,7 +142,7 @@ def test_processing_in_pieces_with_carried_state_equals_one_pass(mode, banks, re
     apply = jax.jit(lambda x, s: model.apply({"params": params}, x, s))
     full = model.apply({"params": params}, tokens).logits
     state, pieces = init_state(config, tokens.shape[0]), []
-    for a, b in zip(cuts[:-1], cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         out = apply(tokens[:, a:b], state)
         state, pieces = out.state, [*pieces, out.logits]
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=1e-4, atol=1e-5)
@@ -152,5 +154,6 @@ def test_bfloat16_compute_stays_close_to_float32():
     model, params, tokens = build(config)
     f32 = model.apply({"params": params}, tokens).logits
     bf16 = QPFModel(config.replace(dtype="bfloat16")).apply({"params": params}, tokens)
-    assert bf16.logits.dtype == jnp.bfloat16 and bf16.state["backbone"].dtype == jnp.float32
+    assert bf16.logits.dtype == jnp.bfloat16
+    assert bf16.state["backbone"].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(bf16.logits, np.float32), f32, atol=5e-2)

@@ -91,7 +91,8 @@ def test_backends_match_sequential_gradients_float32(backend, kw):
 def test_backends_bfloat16_inputs_accumulate_in_float32(backend, kw):
     args = inputs(19, seed=5, dtype=jnp.bfloat16)
     h, h_last = osc(*args, scan_type=backend, **kw)
-    assert h.dtype == jnp.bfloat16 and h_last.dtype == jnp.float32
+    assert h.dtype == jnp.bfloat16
+    assert h_last.dtype == jnp.float32
     want_h, want_last = numpy_reference(*args)
     np.testing.assert_allclose(np.asarray(h, np.float32), want_h, rtol=3e-2, atol=3e-2)
     np.testing.assert_allclose(h_last, want_last, rtol=1e-3, atol=1e-3)

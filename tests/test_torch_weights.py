@@ -109,7 +109,8 @@ def compare(z: dict, got: dict, prefix: str, tol: Callable[[str], tuple[float, f
         if name.startswith("loss/") and np.isnan(ref):
             # The original averages over an empty set at T=1 and returns NaN; qpf returns 0
             # with a token count of 0 (documented in qpf.losses).
-            assert got["_token_count"] == 0 and not np.isnan(ours), name
+            assert got["_token_count"] == 0, name
+            assert not np.isnan(ours), name
         elif np.issubdtype(ref.dtype, np.integer):
             np.testing.assert_array_equal(ours, ref, err_msg=name)
         else:
@@ -178,7 +179,8 @@ def test_golden_config_maps_to_a_faithful_qpf_config(golden_path):
     z = open_golden(golden_path)
     config = tw.config_from_torch(json.loads(str(z["config_json"])))
     assert config.bank_names == ("semantic", "context")
-    assert config.episodic.regime == "original" and config.memory.top_k == 32
+    assert config.episodic.regime == "original"
+    assert config.memory.top_k == 32
     assert config.coupler.dynamic_routing
 
 
@@ -197,5 +199,5 @@ def test_interleaved_to_concat_permutes_a_map_correctly():
 
 def test_unknown_torch_parameters_are_an_error():
     sd = tw.StateDict({"memory.slot_importance": np.zeros(3), "mystery.weight": np.zeros(2)})
-    with pytest.raises(ValueError, match="mystery.weight"):
+    with pytest.raises(ValueError, match=r"mystery\.weight"):
         sd.check_all_used()

@@ -1,0 +1,139 @@
+"""The run configuration: model (``family:preset`` + its config), data, optimizer, loss, loop.
+
+Everything a run does is in one frozen ``RunConfig``, saved as ``RUN_DIR/config.json`` and in
+every checkpoint; ``--set section.field=value`` overrides any field with validation
+(``model.dim=128``, ``optim.weight_decay=0``, ``train.nan_policy=skip``, ``data.mode=pad``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from qpf import config as cfgs
+from qpf.config import ConfigError
+from qpf.data import DataConfig
+from qpf.models.family import ModelFamily, get_family, resolve_model
+from qpf.training.objectives import LossConfig
+from qpf.training.optim import OptimConfig
+
+NAN_POLICIES = ("stop", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop.
+
+    steps: total optimizer steps of the run (a resumed run continues up to it).
+    eval_every / save_every / log_every: in steps (0 disables periodic eval/save; the
+      run always evaluates and saves at its end). eval_batches: 0 = the whole split.
+    nan_policy: 'stop' ends the run on a non-finite loss, keeping the last good checkpoint;
+      'skip' drops that update and goes on.
+    data_parallel: shard each batch over all devices (all processes' devices when multi-host).
+    profile_steps: 'A:B' traces steps A..B-1 with jax.profiler into RUN_DIR/profile.
+    """
+
+    steps: int = 300
+    eval_every: int = 100
+    eval_batches: int = 0
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    nan_policy: str = "stop"
+    data_parallel: bool = False
+    sample_tokens: int = 64
+    sample_prompt: str = ""
+    sample_temperature: float = 0.8
+    profile_steps: str = ""
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"TrainConfig.{name} = {value!r} is invalid: allowed int >= 1")
+        for name in ("eval_every", "eval_batches", "save_every", "sample_tokens", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"TrainConfig.{name} = {value!r} is invalid: allowed int >= 0")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ConfigError(
+                f"TrainConfig.nan_policy = {self.nan_policy!r} is invalid: allowed "
+                f"{', '.join(NAN_POLICIES)}"
+            )
+        if self.sample_temperature < 0:
+            raise ConfigError("TrainConfig.sample_temperature must be >= 0 (0 = greedy)")
+        if self.profile_steps:
+            self.profile_range()
+
+    def profile_range(self) -> tuple[int, int] | None:
+        """``profile_steps`` 'A:B' as (A, B), or None."""
+        if not self.profile_steps:
+            return None
+        try:
+            a, b = (int(x) for x in self.profile_steps.split(":"))
+        except ValueError:
+            a, b = -1, -1
+        if not 0 <= a < b:
+            raise ConfigError(
+                f"TrainConfig.profile_steps = {self.profile_steps!r} is invalid: "
+                "allowed 'A:B' with 0 <= A < B (steps A..B-1 are traced)"
+            )
+        return a, b
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole run. ``model`` is 'family:preset'; ``model_config`` the resolved config."""
+
+    model: str
+    model_config: Any
+    data: DataConfig
+    optim: OptimConfig
+    loss: LossConfig
+    train: TrainConfig
+
+    @property
+    def family(self) -> ModelFamily:
+        return resolve_model(self.model)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: cfgs.to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        family = get_family(data["model"].rpartition(":")[0] or "qpf")
+        return cls(
+            model=data["model"],
+            model_config=cfgs.from_dict(family.config_cls, data["model_config"]),
+            data=cfgs.from_dict(DataConfig, data["data"]),
+            optim=cfgs.from_dict(OptimConfig, data["optim"]),
+            loss=cfgs.from_dict(LossConfig, data["loss"]),
+            train=cfgs.from_dict(TrainConfig, data["train"]),
+        )
+
+    def with_overrides(self, overrides: Mapping[str, str]) -> RunConfig:
+        """Apply ``section.field=value`` overrides (sections: model, data, optim, loss, train)."""
+        grouped: dict[str, dict[str, str]] = {}
+        for key, value in overrides.items():
+            section, _, rest = key.partition(".")
+            if section == "model":
+                section = "model_config"
+            if section not in ("model_config", "data", "optim", "loss", "train") or not rest:
+                raise ConfigError(
+                    f"--set {key}: keys look like SECTION.FIELD with SECTION one of "
+                    "model, data, optim, loss, train (e.g. model.dim=128, optim.lr=3e-4)"
+                )
+            grouped.setdefault(section, {})[rest] = value
+        changes = {
+            section: cfgs.apply_overrides(getattr(self, section), values)
+            for section, values in grouped.items()
+        }
+        return dataclasses.replace(self, **changes)

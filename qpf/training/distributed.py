@@ -1,0 +1,87 @@
+"""Devices, meshes and multi-host start-up for data-parallel training.
+
+Data parallelism is GSPMD over a one-axis ``('data',)`` mesh: params are replicated, each
+batch is sharded along its rows, and XLA inserts the gradient all-reduce. Each process feeds
+only its own rows (``make_array_from_process_local_data``), so the same code runs on one
+CPU, on all local GPUs, and across machines after ``jax.distributed.initialize``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Join JAX's distributed runtime when several processes are requested.
+
+    Explicit arguments win; otherwise the standard environment (``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or a cluster JAX auto-detects such as SLURM)
+    decides. A single process with no coordinator does nothing.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if coordinator_address is None and (num_processes or 1) == 1:
+        return
+    if coordinator_address is None or num_processes is None or process_id is None:
+        raise ValueError(
+            "multi-process training needs --coordinator-address HOST:PORT, --num-processes N "
+            "and --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+def make_mesh(data_parallel: bool) -> Mesh:
+    """A ``('data',)`` mesh over all devices (data_parallel) or over the first device."""
+    devices = jax.devices() if data_parallel else jax.local_devices()[:1]
+    if not data_parallel and jax.process_count() > 1:
+        raise ValueError("several processes need data_parallel=True (--data-parallel)")
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> global arrays sharded over the mesh's data axis."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, grad_accum: int) -> None:
+    """The global batch must split evenly over devices and micro-batches."""
+    n = mesh.devices.size
+    if batch_size % n or batch_size % grad_accum:
+        raise ValueError(
+            f"batch size {batch_size} must be divisible by the number of devices ({n}) and by "
+            f"optim.grad_accum ({grad_accum}); change --batch-size"
+        )
+
+
+def to_host(tree: Any) -> Any:
+    """Fetch (replicated) arrays to host numpy."""
+    return jax.device_get(tree)

@@ -1,0 +1,147 @@
+"""The jitted train and eval steps: pure functions of (state, batch), metrics kept on device.
+
+One call of the train step is one optimizer update. Gradient accumulation splits the batch
+into ``grad_accum`` micro-batches inside the step (``lax.scan``), and the CE term is
+normalised by the whole batch's token count, so the update equals the un-accumulated one.
+A non-finite loss or gradient leaves params and optimizer state untouched (no NaN ever
+reaches a checkpoint); the host decides from the ``nonfinite`` metric whether to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from qpf.training.objectives import LossConfig, objective_terms
+
+Array = jax.Array
+Batch = dict[str, Array]
+Metrics = dict[str, Array]
+
+# Logged per step besides the loss; each is a mean over micro-batches.
+AUX_TERMS = ("ce", "coherence", "coupling", "energy", "affix")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: the optimizer step counter, params and optimizer state."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+
+
+def init_train_state(
+    module: nn.Module, tx: optax.GradientTransformation, seed: int, example: Array
+) -> TrainState:
+    """Fresh parameters (from ``seed``) and optimizer state; ``example`` is an input batch."""
+    params = module.init(jax.random.key(seed), example)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _split_micro(batch: Batch, n: int) -> Batch:
+    """``[B, ...]`` -> ``[n, B/n, ...]`` for every array of the batch."""
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def make_train_step(
+    module: nn.Module,
+    tx: optax.GradientTransformation,
+    loss_cfg: LossConfig,
+    *,
+    seed: int,
+    grad_accum: int = 1,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Build ``step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+    batch: ``tokens`` int ``[B, T]`` (``[B, T, 3]`` morphological) and ``mask`` bool
+    ``[B, T]``; B must divide by ``grad_accum``. Dropout keys derive from (seed, step,
+    micro-batch), so a resumed run draws the same masks.
+    """
+
+    def micro_loss(params, micro: Batch, rng: Array, total_tokens: Array):
+        out = module.apply(
+            {"params": params}, micro["tokens"], deterministic=False, rngs={"dropout": rng}
+        )
+        terms = objective_terms(out, micro["tokens"], micro["mask"], loss_cfg)
+        aux = {k: terms[k] for k in AUX_TERMS if k in terms}
+        # CE is token-weighted over the whole batch; the other terms average micro-batches.
+        loss = loss_cfg.ce * terms["ce_sum"] / total_tokens
+        loss += (
+            loss_cfg.coherence * aux["coherence"]
+            + loss_cfg.coupling * aux["coupling"]
+            + loss_cfg.energy * aux["energy"]
+            + loss_cfg.affix * aux.get("affix", 0.0)
+        ) / grad_accum
+        return loss, {**aux, "ce_sum": terms["ce_sum"], "tokens": terms["tokens"]}
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        micro = _split_micro(batch, grad_accum)
+        total_tokens = jnp.maximum(batch["mask"][:, 1:].sum().astype(jnp.float32), 1.0)
+        base = jax.random.fold_in(jax.random.key(seed), state.step)
+
+        def accumulate(carry, xs):
+            grads, loss, aux = carry
+            i, mb = xs
+            (l_i, a_i), g_i = grad_fn(state.params, mb, jax.random.fold_in(base, i), total_tokens)
+            grads = jax.tree.map(jnp.add, grads, g_i)
+            aux = jax.tree.map(lambda a, b: a + b, aux, a_i)
+            return (grads, loss + l_i, aux), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        aux0 = jax.eval_shape(
+            lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), base, 1.0)[0][1]
+        )
+        aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+        (grads, loss, aux), _ = jax.lax.scan(
+            accumulate,
+            (zeros, jnp.zeros((), jnp.float32), aux0),
+            (jnp.arange(grad_accum), micro),
+        )
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = {k: v / grad_accum for k, v in aux.items() if k in AUX_TERMS}
+        metrics["ce"] = aux["ce_sum"] / total_tokens
+        metrics.update(
+            loss=loss,
+            grad_norm=grad_norm,
+            tokens=aux["tokens"],
+            nonfinite=(~finite).astype(jnp.int32),
+        )
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(module: nn.Module, loss_cfg: LossConfig) -> Callable[[Any, Batch], Metrics]:
+    """Build ``eval(params, batch) -> sums`` for token-weighted validation.
+
+    Returns ce_sum (nats over counted targets), tokens (their count) and bytes (UTF-8 bytes
+    those targets decode to, from the batch's ``target_bytes`` ``[B, T]``, for bits/byte).
+    The CE is the same definition as in training (``objective_terms``).
+    """
+
+    def step(params: Any, batch: Batch) -> Metrics:
+        out = module.apply({"params": params}, batch["tokens"], deterministic=True)
+        terms = objective_terms(out, batch["tokens"], batch["mask"], loss_cfg)
+        tmask = batch["mask"][:, 1:]
+        nbytes = jnp.where(tmask, batch["target_bytes"][:, 1:], 0).sum()
+        return {"ce_sum": terms["ce_sum"], "tokens": terms["tokens"], "bytes": nbytes}
+
+    return step
