@@ -80,6 +80,8 @@ def register_family(family: ModelFamily) -> ModelFamily:
 def _ensure_registered() -> None:
     # Importing the modules registers their families (qpf first, then the baselines).
     import qpf.presets  # noqa: F401
+    import qpf.models.transformer  # noqa: F401
+    import qpf.models.diagrnn  # noqa: F401
 
 
 def get_family(name: str) -> ModelFamily:
