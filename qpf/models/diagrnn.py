@@ -85,7 +85,7 @@ class DiagRNNConfig:
             f"one of {', '.join(DIAGRNN_SCAN_TYPES)}",
         )
         _require(
-            isinstance(self.lambda_min, int | float) and 0.0 < self.lambda_min,
+            isinstance(self.lambda_min, int | float) and self.lambda_min > 0.0,
             self,
             "lambda_min",
             "a float in (0, lambda_max)",

@@ -154,7 +154,9 @@ class CausalSelfAttention(nn.Module):
         if c.positions == "rotary":
             q, k = rotary(q, positions, c.rope_base), rotary(k, positions, c.rope_base)
         if cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=c.attention_impl)
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=c.attention_impl
+            )
             new_kv = (k, v)
         else:
             k_cache, v_cache, pos = cache
