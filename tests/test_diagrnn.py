@@ -31,16 +31,23 @@ def small_config(**kw) -> DiagRNNConfig:
     return DiagRNNConfig(**base)
 
 
-def build(config: DiagRNNConfig, batch: int = 2, t: int = 13, seed: int = 0):
+@functools.cache
+def compiled(config: DiagRNNConfig):
+    """Jitted (init, apply(params, inputs, state)), shared by every test of one config."""
     model = DiagRNN(config)
+    return jax.jit(model.init), jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))
+
+
+def build(config: DiagRNNConfig, batch: int = 2, t: int = 13, seed: int = 0):
+    init, apply = compiled(config)
     tokens = jax.random.randint(jax.random.key(seed), (batch, t), 0, config.vocab_size)
-    params = jax.jit(model.init)(jax.random.key(seed + 1), tokens)["params"]
-    return model, params, tokens
+    params = init(jax.random.key(seed + 1), tokens)["params"]
+    return DiagRNN(config), params, tokens, apply
 
 
 def test_logits_at_t_ignore_tokens_after_t():
-    model, params, tokens = build(small_config(scan_type="associative"))
-    apply = jax.jit(lambda x: model.apply({"params": params}, x).logits)
+    _, params, tokens, run = build(small_config())
+    apply = lambda x: run(params, x, None).logits  # noqa: E731
     base = apply(tokens)
     for t in (0, 6, 11):
         changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 1) % 29)
@@ -53,7 +60,7 @@ def test_logits_at_t_ignore_tokens_after_t():
     "kw", [{"dropout": 0.1}, {"tie_embeddings": False, "norm": "layernorm", "state_dim": None}]
 )
 def test_every_parameter_receives_gradient(kw):
-    model, params, tokens = build(small_config(**kw), batch=3)
+    model, params, tokens, _ = build(small_config(**kw), batch=3)
 
     def loss(p):
         logits = model.apply(
@@ -79,9 +86,9 @@ def test_every_parameter_receives_gradient(kw):
 )
 def test_streaming_with_state_equals_full_forward(scan_type, cuts):
     config = small_config(scan_type=scan_type)
-    model, params, tokens = build(config, seed=4)
-    full = jax.jit(model.apply)({"params": params}, tokens)
-    step = jax.jit(lambda x, s: model.apply({"params": params}, x, s))
+    _, params, tokens, run = build(config, seed=4)
+    full = run(params, tokens, None)
+    step = lambda x, s: run(params, x, s)  # noqa: E731
     state, pieces = init_state(config, tokens.shape[0], 999), []
     for a, b in itertools.pairwise(cuts):
         out = step(tokens[:, a:b], state)
@@ -132,8 +139,8 @@ def test_decay_init_spans_the_configured_range():
 
 def test_bfloat16_forward_is_finite_and_close_to_float32():
     config = small_config()
-    model, params, tokens = build(config)
-    f32 = jax.jit(model.apply)({"params": params}, tokens).logits
+    _, params, tokens, run = build(config)
+    f32 = run(params, tokens, None).logits
     bf16 = jax.jit(
         lambda x: DiagRNN(config.replace(dtype="bfloat16")).apply({"params": params}, x)
     )(tokens)

@@ -30,11 +30,18 @@ def small_config(**kw) -> TransformerConfig:
     return TransformerConfig(**base)
 
 
-def build(config: TransformerConfig, batch: int = 2, t: int = 13, seed: int = 0):
+@functools.cache
+def compiled(config: TransformerConfig):
+    """Jitted (init, apply(params, inputs, state)), shared by every test of one config."""
     model = Transformer(config)
+    return jax.jit(model.init), jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))
+
+
+def build(config: TransformerConfig, batch: int = 2, t: int = 13, seed: int = 0):
+    init, apply = compiled(config)
     tokens = jax.random.randint(jax.random.key(seed), (batch, t), 0, config.vocab_size)
-    params = jax.jit(model.init)(jax.random.key(seed + 1), tokens)["params"]
-    return model, params, tokens
+    params = init(jax.random.key(seed + 1), tokens)["params"]
+    return Transformer(config), params, tokens, apply
 
 
 @pytest.mark.parametrize(
@@ -45,8 +52,8 @@ def build(config: TransformerConfig, batch: int = 2, t: int = 13, seed: int = 0)
     ],
 )
 def test_logits_at_t_ignore_tokens_after_t(kw):
-    model, params, tokens = build(small_config(**kw))
-    apply = jax.jit(lambda x: model.apply({"params": params}, x).logits)
+    _, params, tokens, run = build(small_config(**kw))
+    apply = lambda x: run(params, x, None).logits  # noqa: E731
     base = apply(tokens)
     for t in (0, 5, 11):
         changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 1) % 31)
@@ -63,7 +70,7 @@ def test_logits_at_t_ignore_tokens_after_t(kw):
     ],
 )
 def test_every_parameter_receives_gradient(kw):
-    model, params, tokens = build(small_config(**kw), batch=3)
+    model, params, tokens, _ = build(small_config(**kw), batch=3)
 
     def loss(p):
         logits = model.apply(
@@ -84,14 +91,14 @@ def test_every_parameter_receives_gradient(kw):
     [
         ({}, (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)),  # k = 0: token by token
         ({"positions": "learned", "tie_embeddings": False}, (0, 3, *range(4, 14))),  # k = 3
-        ({"norm": "layernorm"}, (0, 5, 6, 11, 13)),  # chunked prefill, then chunks
+        ({"norm": "layernorm"}, (0, 6, 12, 13)),  # chunked prefill, then one token
     ],
 )
 def test_kv_cache_decoding_equals_full_forward(kw, cuts):
     config = small_config(**kw)
-    model, params, tokens = build(config, seed=4)
-    full = jax.jit(model.apply)({"params": params}, tokens).logits
-    step = jax.jit(lambda x, s: model.apply({"params": params}, x, s))
+    _, params, tokens, run = build(config, seed=4)
+    full = run(params, tokens, None).logits
+    step = lambda x, s: run(params, x, s)  # noqa: E731
     state, pieces = init_state(config, tokens.shape[0], 17), []
     for a, b in itertools.pairwise(cuts):
         out = step(tokens[:, a:b], state)
@@ -103,17 +110,16 @@ def test_kv_cache_decoding_equals_full_forward(kw, cuts):
 
 def test_cache_overflow_gives_nan_and_stateless_state_holds_the_input():
     config = small_config()
-    model, params, tokens = build(config, t=7)
-    out = jax.jit(model.apply)({"params": params}, tokens)
-    assert int(out.state["pos"]) == 7
-    assert out.state["k"].shape == (2, 2, 7, 3, 4)
-    state = init_state(config, 2, 8)
-    step = jax.jit(lambda x, s: model.apply({"params": params}, x, s))
-    first = step(tokens[:, :5], state)
-    assert np.all(np.isfinite(first.logits))
-    assert np.all(np.isnan(step(tokens[:, :5], first.state).logits))  # 10 > 8 slots
+    _, params, tokens, run = build(config)
+    out = run(params, tokens, None)
+    assert int(out.state["pos"]) == 13
+    assert out.state["k"].shape == (2, 2, 13, 3, 4)
+    state = init_state(config, 2, 17)
+    nearly_full = run(params, tokens[:, :1], {**state, "pos": jnp.int32(16)})
+    assert np.all(np.isfinite(nearly_full.logits))
+    assert np.all(np.isnan(run(params, tokens[:, :1], nearly_full.state).logits))  # 18 > 17
     with pytest.raises(ValueError, match="cache length"):
-        model.apply({"params": params}, jnp.zeros((2, 9), jnp.int32), state)
+        run(params, jnp.zeros((2, 18), jnp.int32), state)
 
 
 def _numpy_rotary(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
@@ -153,8 +159,8 @@ def test_attention_matches_numpy_causal_softmax_reference(positions):
 
 def test_bfloat16_forward_is_finite_and_close_to_float32():
     config = small_config()
-    model, params, tokens = build(config)
-    f32 = jax.jit(model.apply)({"params": params}, tokens).logits
+    _, params, tokens, run = build(config)
+    f32 = run(params, tokens, None).logits
     bf16 = jax.jit(
         lambda x: Transformer(config.replace(dtype="bfloat16")).apply({"params": params}, x)
     )(tokens)
