@@ -17,6 +17,7 @@ name means the qpf family.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -79,7 +80,8 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def _ensure_registered() -> None:
     # Importing the modules registers their families (qpf first, then the baselines).
-    import qpf.presets  # noqa: F401
+    for module in ("qpf.presets", "qpf.models.transformer", "qpf.models.diagrnn"):
+        importlib.import_module(module)
 
 
 def get_family(name: str) -> ModelFamily:

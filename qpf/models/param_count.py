@@ -54,3 +54,10 @@ def count_by_component(params: Any) -> dict[str, int]:
 def parameter_report(config: cfgs.ModelConfig) -> dict[str, int]:
     """Per-component parameter counts of ``config`` without allocating weights."""
     return count_by_component(param_shapes(config))
+
+
+def family_param_count(family: Any, config: Any) -> int:
+    """Total parameters of any ``ModelFamily`` model (token input ``[1, 8]``), shapes only."""
+    init = lambda key: family.build(config).init(key, jnp.zeros((1, 8), jnp.int32))  # noqa: E731
+    params = jax.eval_shape(init, jax.random.key(0))["params"]
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -1,0 +1,191 @@
+"""DiagRNN baseline: causality, gradients, streaming, scan backends, numpy reference, presets."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qpf import config as cfgs
+from qpf.models.diagrnn import (
+    DIAGRNN_FAMILY,
+    PRESETS,
+    DiagRNN,
+    DiagRNNConfig,
+    DiagRNNLayer,
+    decay,
+    init_state,
+)
+from qpf.models.family import resolve_model
+from qpf.models.param_count import family_param_count, parameter_report
+from qpf.presets import get_preset
+
+
+def small_config(**kw) -> DiagRNNConfig:
+    base = dict(vocab_size=29, dim=12, num_layers=2, state_dim=14, chunk_size=5, dropout=0.0)
+    base.update(kw)
+    return DiagRNNConfig(**base)
+
+
+@functools.cache
+def compiled(config: DiagRNNConfig):
+    """Jitted (init, apply(params, inputs, state)), shared by every test of one config."""
+    model = DiagRNN(config)
+    return jax.jit(model.init), jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))
+
+
+def build(config: DiagRNNConfig, batch: int = 2, t: int = 13, seed: int = 0):
+    init, apply = compiled(config)
+    tokens = jax.random.randint(jax.random.key(seed), (batch, t), 0, config.vocab_size)
+    params = init(jax.random.key(seed + 1), tokens)["params"]
+    return DiagRNN(config), params, tokens, apply
+
+
+def test_logits_at_t_ignore_tokens_after_t():
+    _, params, tokens, run = build(small_config())
+    apply = lambda x: run(params, x, None).logits  # noqa: E731
+    base = apply(tokens)
+    for t in (0, 6, 11):
+        changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 1) % 29)
+        out = apply(changed)
+        np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], rtol=1e-6, atol=1e-7)
+        assert not np.allclose(out[:, t + 1 :], base[:, t + 1 :])
+
+
+@pytest.mark.parametrize(
+    "kw", [{"dropout": 0.1}, {"tie_embeddings": False, "norm": "layernorm", "state_dim": None}]
+)
+def test_every_parameter_receives_gradient(kw):
+    model, params, tokens, _ = build(small_config(**kw), batch=3)
+
+    def loss(p):
+        logits = model.apply(
+            {"params": p}, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)}
+        ).logits
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+    grads = jax.jit(jax.grad(loss))(params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    dead = [jax.tree_util.keystr(path) for path, g in flat if not np.any(np.asarray(g) != 0)]
+    assert not dead, f"parameters with zero gradient: {dead}"
+    assert all(np.all(np.isfinite(np.asarray(g))) for _, g in flat)
+
+
+@pytest.mark.parametrize(
+    ("scan_type", "cuts"),
+    [
+        ("sequential", tuple(range(14))),  # k = 0: token by token
+        ("associative", (0, 3, *range(4, 14))),  # prefill 3, then one at a time
+        ("chunked", (0, 7, 8, 13)),  # chunked prefill (7 > chunk 5), then chunks
+    ],
+)
+def test_streaming_with_state_equals_full_forward(scan_type, cuts):
+    config = small_config(scan_type=scan_type)
+    _, params, tokens, run = build(config, seed=4)
+    full = run(params, tokens, None)
+    step = lambda x, s: run(params, x, s)  # noqa: E731
+    state, pieces = init_state(config, tokens.shape[0], 999), []
+    for a, b in itertools.pairwise(cuts):
+        out = step(tokens[:, a:b], state)
+        state, pieces = out.state, [*pieces, out.logits]
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full.logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state["h"], full.state["h"], rtol=1e-4, atol=1e-6)
+    assert int(state["pos"]) == 13
+    assert state["h"].shape == (2, 2, 14)
+
+
+def _numpy_layer(params, x: np.ndarray, h0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    u = x @ p["in_proj"]["kernel"] + p["in_proj"]["bias"]
+    g = x @ p["gate_proj"]["kernel"] + p["gate_proj"]["bias"]
+    lam = np.exp(-np.log1p(np.exp(p["decay"])))
+    a = lam / (1.0 + np.exp(-g))
+    h, hs = h0, []
+    for t in range(x.shape[1]):
+        h = a[:, t] * h + (1.0 - a[:, t]) * u[:, t]
+        hs.append(h)
+    return np.stack(hs, 1) @ p["out_proj"]["kernel"], h
+
+
+def test_scan_backends_agree_and_match_numpy_reference():
+    x = jax.random.normal(jax.random.key(0), (2, 13, 12))
+    h0 = jax.random.normal(jax.random.key(1), (2, 14))
+    layer = DiagRNNLayer(small_config())
+    params = jax.jit(layer.init)(jax.random.key(2), x, h0)["params"]
+    # Spread the gates so the decays differ per step (the init gives near-constant ones).
+    params["gate_proj"]["bias"] = jnp.linspace(-3.0, 3.0, 14)
+    ref_y, ref_h = _numpy_layer(params, np.asarray(x, np.float64), np.asarray(h0, np.float64))
+    for scan_type in ("sequential", "associative", "chunked"):
+        layer = DiagRNNLayer(small_config(scan_type=scan_type))
+        y, h = jax.jit(lambda x, h0, layer=layer: layer.apply({"params": params}, x, h0))(x, h0)
+        np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-6, err_msg=scan_type)
+        np.testing.assert_allclose(h, ref_h, rtol=1e-4, atol=1e-6, err_msg=scan_type)
+        assert h.dtype == jnp.float32
+
+
+def test_decay_init_spans_the_configured_range():
+    config = small_config(lambda_min=0.5, lambda_max=0.99)
+    layer = DiagRNNLayer(config)
+    shapes = (jnp.zeros((1, 3, 12)), jnp.zeros((1, 14)))
+    params = jax.jit(layer.init)(jax.random.key(0), *shapes)["params"]
+    lam = np.asarray(decay(params["decay"]))
+    np.testing.assert_allclose(lam, np.linspace(0.5, 0.99, 14), rtol=1e-5)
+
+
+def test_bfloat16_forward_is_finite_and_close_to_float32():
+    config = small_config()
+    _, params, tokens, run = build(config)
+    f32 = run(params, tokens, None).logits
+    bf16 = jax.jit(
+        lambda x: DiagRNN(config.replace(dtype="bfloat16")).apply({"params": params}, x)
+    )(tokens)
+    assert bf16.logits.dtype == jnp.bfloat16
+    assert bf16.state["h"].dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(bf16.logits, np.float32)))
+    np.testing.assert_allclose(np.asarray(bf16.logits, np.float32), f32, atol=5e-2)
+
+
+@functools.cache
+def qpf_count(name: str) -> int:
+    return parameter_report(get_preset(name).model)["total"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_counts_match_qpf_within_ten_percent(name):
+    count = family_param_count(DIAGRNN_FAMILY, PRESETS[name].model)
+    assert abs(count / qpf_count(name) - 1) < 0.10, (name, count, qpf_count(name))
+    assert PRESETS[name].model.state_width == 2 * PRESETS[name].model.dim
+
+
+def test_registered_family_and_config_round_trip():
+    family, preset = resolve_model("diagrnn:tiny-byte")
+    assert family is DIAGRNN_FAMILY
+    assert preset.model.vocab_size == 259
+    cfg = small_config(scan_type="chunked", state_dim=None)
+    assert cfgs.from_dict(DiagRNNConfig, cfgs.to_dict(cfg)) == cfg
+    assert cfgs.apply_overrides(cfg, {"state_dim": "20"}).state_width == 20
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"scan_type": "pallas"}, "scan_type"),
+        ({"state_dim": 0}, "state_dim"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"lambda_min": 0.0}, "lambda_min"),
+        ({"lambda_max": 1.0}, "lambda_max"),
+        ({"lambda_min": 0.9, "lambda_max": 0.8}, "lambda_max"),
+        ({"norm": "none"}, "norm"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"param_dtype": "int8"}, "param_dtype"),
+    ],
+)
+def test_config_validation_names_the_field(kw, field):
+    with pytest.raises(cfgs.ConfigError, match=rf"DiagRNNConfig\.{field} = "):
+        small_config(**kw)
