@@ -12,6 +12,7 @@ from qpf import config as cfgs
 from qpf.models.family import ModelFamily, Preset, register_family
 from qpf.models.qpf import QPFModel, init_state
 
+
 _BANKS = {
     "semantic": cfgs.SemanticBankConfig(num_concepts=512, num_layers=2),
     "context": cfgs.ContextBankConfig(window_size=8, num_layers=2),

@@ -241,5 +241,6 @@ def test_stream_memory_is_flat_in_the_input_length():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stats = evaluate_stream(model, params, rng.integers(0, 31, (1, 64 * 1024)), chunk)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    assert stats.count == 64 * 1024 - 1 and np.isfinite(stats.nll)
+    assert stats.count == 64 * 1024 - 1
+    assert np.isfinite(stats.nll)
     assert grown_kib < 16 * 1024, f"peak RSS grew by {grown_kib} KiB"
