@@ -45,7 +45,6 @@ def _check_token_mode(module: nn.Module) -> None:
         )
 
 
-@partial(jax.jit, static_argnames=("module", "max_new_tokens", "config", "eos_id", "pad_id"))
 def decode(
     module: nn.Module,
     params: Params,
@@ -60,18 +59,49 @@ def decode(
     presence: Array | None = None,
     start_step: Array | int = 0,
 ) -> DecodeResult:
-    """Generate up to ``max_new_tokens`` tokens per row in one ``lax.while_loop``.
+    """Generate up to ``max_new_tokens`` tokens per row in one compiled ``lax.while_loop``.
 
     logits ``[B, V]`` and state: from ``prefill`` (or a previous ``decode``).
     key: PRNG key; token i of row r uses ``row_keys(key, start_step + i, B)[r]``.
     eos_id: a row that samples it stops (emits ``pad_id`` afterwards); the loop ends when
       every row has stopped. presence ``[B, V]``: tokens seen (default: none) for the
-      repetition penalty; generated tokens are added to it.
+      repetition penalty; generated tokens are added to it. Compiled once per (module,
+      max_new_tokens, config, shapes); eos_id, pad_id and start_step are traced.
     """
     _check_token_mode(module)
-    batch, vocab = logits.shape
     if presence is None:
-        presence = jnp.zeros((batch, vocab), jnp.bool_)
+        presence = jnp.zeros(logits.shape, jnp.bool_)
+    return _decode_loop(
+        module,
+        params,
+        logits,
+        state,
+        key,
+        jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),  # -1 never matches
+        jnp.asarray(pad_id, jnp.int32),
+        presence,
+        jnp.asarray(start_step, jnp.int32),
+        max_new_tokens=max_new_tokens,
+        config=config,
+    )
+
+
+@partial(jax.jit, static_argnames=("module", "max_new_tokens", "config"))
+def _decode_loop(
+    module,
+    params,
+    logits,
+    state,
+    key,
+    eos_id,
+    pad_id,
+    presence,
+    start_step,
+    *,
+    max_new_tokens,
+    config,
+):
+    batch, vocab = logits.shape
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     done = jnp.zeros((batch,), jnp.bool_)
     lengths = jnp.zeros((batch,), jnp.int32)
@@ -87,8 +117,7 @@ def decode(
         tokens = tokens.at[:, i].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
         presence = presence | (jax.nn.one_hot(tok, vocab, dtype=jnp.bool_) & ~done[:, None])
-        if eos_id is not None:
-            done = done | (tok == eos_id)
+        done = done | (tok == eos_id)
         logits, state = step(module, params, state, tok)
         return i + 1, logits.astype(carry[1].dtype), state, tokens, done, lengths, presence
 
