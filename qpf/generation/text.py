@@ -1,0 +1,85 @@
+"""Streaming text generation: yields decoded text pieces as tokens are produced."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from qpf.config import ConfigError
+from qpf.generation.core import Params, prefill
+from qpf.generation.decode import decode
+from qpf.sampling import DEFAULT_SAMPLING, SamplingConfig, presence_from_tokens
+
+
+def generate_text(
+    module: nn.Module,
+    params: Params,
+    prompt: str | Sequence[int],
+    *,
+    encode: Callable[[str], Sequence[int]] | None = None,
+    decode_ids: Callable[[Sequence[int]], str],
+    max_new_tokens: int,
+    config: SamplingConfig = DEFAULT_SAMPLING,
+    seed: int = 0,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    block_size: int = 1,
+    chunk_size: int | None = None,
+) -> Iterator[str]:
+    """Yield the text of each new token (batch 1) as it is generated.
+
+    prompt: text (needs ``encode``) or token ids. decode_ids: ids -> text (any tokenizer's
+    ``decode``). Tokens are generated ``block_size`` at a time by the compiled ``decode``
+    loop (1 = lowest latency). Text is emitted only once it is stable: a piece that ends in
+    an incomplete UTF-8 sequence (U+FFFD) waits for the next token. Stops at ``eos_id``
+    (not yielded) or after ``max_new_tokens``.
+    """
+    if isinstance(prompt, str):
+        if encode is None:
+            raise ConfigError("a text prompt needs an encode callable (or pass token ids)")
+        prompt = encode(prompt)
+    if block_size < 1:
+        raise ConfigError(f"block_size = {block_size} is invalid: allowed an int >= 1")
+    ids = jnp.asarray(np.asarray(prompt, np.int32)[None])
+    logits, state = prefill(
+        module, params, ids, chunk_size=chunk_size, max_len=ids.shape[1] + max_new_tokens
+    )
+    presence = presence_from_tokens(ids, logits.shape[-1])
+    key = jax.random.key(seed)
+    generated: list[int] = []
+    emitted = ""  # text of ``generated`` already yielded
+    made = 0
+    while made < max_new_tokens:
+        n = min(block_size, max_new_tokens - made)
+        out = decode(
+            module,
+            params,
+            logits,
+            state,
+            key,
+            max_new_tokens=n,
+            config=config,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            presence=presence,
+            start_step=made,
+        )
+        logits, state, presence = out.logits, out.state, out.presence
+        length = int(out.lengths[0])
+        new = [int(t) for t in np.asarray(out.tokens[0, :length])]
+        made += n
+        stopped = eos_id is not None and bool(new) and new[-1] == eos_id
+        generated.extend(new[:-1] if stopped else new)
+        text = decode_ids(generated)
+        if not text.endswith("\ufffd") and len(text) > len(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+        if stopped or length < n:
+            break
+    text = decode_ids(generated)
+    if len(text) > len(emitted):
+        yield text[len(emitted) :]

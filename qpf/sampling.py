@@ -1,0 +1,174 @@
+"""Token sampling as pure, jittable functions over logits ``[B, V]``.
+
+The pipeline (``sample``) is: repetition penalty -> temperature -> top-k -> top-p -> min-p ->
+one categorical draw per row. Temperature 0 means greedy (argmax of the penalised logits;
+the filters never remove the argmax, so they cannot change it).
+
+Randomness is per row: ``row_keys(key, step, batch)`` folds the step and then the row index
+into the key, so row i draws the same stream whatever the batch size and whatever the
+other rows do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qpf.config import ConfigError
+
+Array = jax.Array
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick the next token (frozen and hashable: a static ``jax.jit`` argument).
+
+    temperature: >= 0; 0 is greedy.
+    top_k: keep the k most likely tokens; 0 disables.
+    top_p: keep the smallest set of most likely tokens whose probability reaches top_p;
+      in (0, 1], 1 disables.
+    min_p: keep tokens with probability >= min_p · max probability; in [0, 1), 0 disables.
+    repetition_penalty: > 0; tokens already present have positive logits divided and
+      negative logits multiplied by it (1 disables, > 1 discourages repeats).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str) -> ConfigError:
+            value = getattr(self, field)
+            return ConfigError(f"SamplingConfig.{field} = {value!r} is invalid: allowed {allowed}")
+
+        def number(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
+        if not (number(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", "a float >= 0 (0 = greedy)")
+        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)):
+            raise bad("top_k", "an int >= 0 (0 = off)")
+        if self.top_k < 0:
+            raise bad("top_k", "an int >= 0 (0 = off)")
+        if not (number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise bad("top_p", "a float in (0, 1] (1 = off)")
+        if not (number(self.min_p) and 0.0 <= self.min_p < 1.0):
+            raise bad("min_p", "a float in [0, 1) (0 = off)")
+        if not (number(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise bad("repetition_penalty", "a float > 0 (1 = off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+DEFAULT_SAMPLING = SamplingConfig()
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def row_keys(key: Array, step: Array | int, batch: int) -> Array:
+    """Per-row keys ``[batch]`` for decoding step ``step``; row i's key ignores ``batch``."""
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(batch))
+
+
+# ----------------------------------------------------------------------- transforms
+
+
+def presence_from_tokens(tokens: Array, vocab_size: int, mask: Array | None = None) -> Array:
+    """Token history ``[B, T]`` (optionally masked ``[B, T]`` bool) -> presence ``[B, V]``."""
+    hits = jax.nn.one_hot(tokens, vocab_size, dtype=jnp.bool_)
+    if mask is not None:
+        hits = hits & mask[..., None]
+    return jnp.any(hits, axis=1)
+
+
+def apply_repetition_penalty(logits: Array, presence: Array, penalty: float) -> Array:
+    """Divide positive and multiply negative logits of present tokens by ``penalty``.
+
+    logits ``[B, V]``, presence ``[B, V]`` bool. Dividing a negative logit would *raise*
+    it, so negatives are multiplied: both make a present token less likely when penalty > 1.
+    """
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(presence, penalised, logits)
+
+
+def _scatter_rows(values_sorted: Array, order: Array) -> Array:
+    """Undo a per-row permutation: out[b, order[b, j]] = values_sorted[b, j]."""
+    rows = jnp.arange(order.shape[0])[:, None]
+    return jnp.zeros_like(values_sorted).at[rows, order].set(values_sorted)
+
+
+def top_k_mask(logits: Array, k: int) -> Array:
+    """Bool ``[B, V]``: exactly the k highest logits per row (ties broken by index)."""
+    k = min(k, logits.shape[-1])
+    _, idx = jax.lax.top_k(logits, k)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros(logits.shape, jnp.bool_).at[rows, idx].set(True)
+
+
+def top_p_mask(logits: Array, p: float) -> Array:
+    """Bool ``[B, V]``: the smallest prefix of the sorted distribution with mass >= p.
+
+    A token is kept when the mass strictly before it (in descending order) is < p, so the
+    most likely token is always kept.
+    """
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    return _scatter_rows(before < p, order)
+
+
+def min_p_mask(logits: Array, min_p: float) -> Array:
+    """Bool ``[B, V]``: tokens with probability >= min_p · (max probability)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return logp >= jnp.max(logp, axis=-1, keepdims=True) + jnp.log(min_p)
+
+
+def filter_logits(logits: Array, config: SamplingConfig) -> Array:
+    """Temperature, then top-k / top-p / min-p; removed tokens get -inf. ``[B, V]``."""
+    x = logits.astype(jnp.float32)
+    if not config.greedy:
+        x = x / config.temperature
+    keep = x > NEG_INF  # tokens already at -inf (e.g. banned upstream) stay removed
+    if config.top_k > 0:
+        keep &= top_k_mask(x, config.top_k)
+    masked = jnp.where(keep, x, NEG_INF)
+    if config.top_p < 1.0:
+        keep &= top_p_mask(masked, config.top_p)
+        masked = jnp.where(keep, x, NEG_INF)
+    if config.min_p > 0.0:
+        keep &= min_p_mask(masked, config.min_p)
+        masked = jnp.where(keep, x, NEG_INF)
+    return masked
+
+
+def sample(
+    logits: Array,
+    keys: Array,
+    config: SamplingConfig,
+    presence: Array | None = None,
+) -> Array:
+    """Draw one token per row.
+
+    logits ``[B, V]``; keys ``[B]`` (``row_keys``); presence ``[B, V]`` bool (tokens seen,
+    for the repetition penalty; required when the penalty is not 1) -> int32 ``[B]``.
+    """
+    x = logits.astype(jnp.float32)
+    if config.repetition_penalty != 1.0:
+        if presence is None:
+            raise ValueError("repetition_penalty != 1 needs a presence mask [B, V]")
+        x = apply_repetition_penalty(x, presence, config.repetition_penalty)
+    if config.greedy:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(x, config)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
