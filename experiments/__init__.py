@@ -1,0 +1,1 @@
+"""Experiments and benchmarks (run as ``python -m experiments.<name>``)."""
