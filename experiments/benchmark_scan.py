@@ -17,7 +17,10 @@ only for reference.
 
 On CPU the pallas backend can only run in interpret mode (very slow), so it is skipped unless
 ``--include-interpret`` is given. On GPU it is compiled for real; a case that fails to lower
-or run becomes an error row and the benchmark carries on.
+or run becomes an error row and the benchmark carries on. ``--pallas-block-n`` and
+``--pallas-unroll`` tune the kernel. On CPU, ``sequential/u128`` takes minutes to compile
+at T ≥ 512 (XLA's slow-compile alarm fires); ``--backends`` selects a subset, e.g.
+``--backends sequential/u1,associative,chunked``.
 """
 
 from __future__ import annotations
