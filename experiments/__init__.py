@@ -1,1 +1,1 @@
-"""Runnable experiments and benchmarks (``python -m experiments.<name>``)."""
+"""Experiments and benchmarks (run as ``python -m experiments.<name>``)."""
