@@ -14,8 +14,6 @@ import logging
 import sys
 from pathlib import Path
 
-from qpf.training.sample import make_sample_fn
-
 from qpf.config import ConfigError
 from qpf.data import DataConfig, MissingDataError
 from qpf.models.family import resolve_model
@@ -23,6 +21,7 @@ from qpf.training import distributed as dist
 from qpf.training.config import RunConfig, TrainConfig
 from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig
+from qpf.training.sample import make_sample_fn
 from qpf.training.trainer import Trainer, TrainingDiverged
 
 DEFAULT_DATASET = "tinyshakespeare"
@@ -34,7 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="qpf", help="model family: qpf, transformer, diagrnn")
     p.add_argument("--preset", default="tiny", help="preset name, or FAMILY:PRESET")
     p.add_argument("--dataset", default=None, help=f"corpus (default {DEFAULT_DATASET})")
-    p.add_argument("--tokenizer", default=None, help="gpt2, byte, morphological")
+    p.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="byte (default; the model's vocabulary follows the tokenizer), gpt2, morphological",
+    )
     p.add_argument("--data-dir", default=None, help="corpus folder (default $QPF_DATA_DIR)")
     p.add_argument("--run-dir", default=None, help="output folder (default runs/MODEL-DATASET)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps of the run")
@@ -81,7 +84,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     _family, preset = resolve_model(spec)
     data = DataConfig(
         corpus=args.dataset or DEFAULT_DATASET,
-        tokenizer=args.tokenizer or preset.tokenizer,
+        tokenizer=args.tokenizer,
         seq_len=args.seq_len or 128,
         batch_size=args.batch_size or preset.batch_size,
         seed=args.seed or 0,
@@ -132,8 +135,15 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     return run.with_overrides(_overrides(args.set))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _quiet_libraries() -> None:
+    # Orbax and Grain log every save/restore through absl at INFO; keep the console readable.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("absl", "jax._src.xla_bridge", "orbax", "grain"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     args = parse_args(argv)
     try:
         dist.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
@@ -149,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MissingDataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"run directory: {trainer.run_dir}  (model {run.model}, corpus {run.data.corpus})")
+    cfg = trainer.config
+    print(f"run directory: {trainer.run_dir}  (model {cfg.model}, corpus {cfg.data.corpus})")
     try:
         result = trainer.run()
     except TrainingDiverged as err:

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qpf.generation import generate_tokens
+from qpf.generation import generate
 from qpf.sampling import SamplingConfig
 
 
@@ -17,19 +17,22 @@ def make_sample_fn() -> Callable[[Any, Any], str]:
     tokens with temperature sampling, through the same decoding path as generation."""
 
     def sample(trainer: Any, params: Any) -> str:
-        cfg = trainer.run.train
+        cfg = trainer.config.train
         tok = trainer.tokenizer
         prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.eos_id]
         tokens = jnp.asarray([prompt], jnp.int32)
-        out = generate_tokens(
+        out = generate(
             trainer.module,
-            params,
+            {"params": params},
             tokens,
+            jax.random.key(cfg.seed),
             max_new_tokens=cfg.sample_tokens,
-            sampling=SamplingConfig(temperature=cfg.sample_temperature, top_k=40),
-            key=jax.random.key(cfg.seed),
+            config=SamplingConfig(temperature=cfg.sample_temperature, top_k=40),
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
         )
-        new = [int(t) for t in jax.device_get(out)[0]]
+        n = int(out.lengths[0])
+        new = [int(t) for t in jax.device_get(out.tokens)[0, :n]]
         return (cfg.sample_prompt or "") + tok.decode(new)
 
     return sample

@@ -47,6 +47,36 @@ class TrainResult:
     params: Any
 
 
+def fit_model_to_tokenizer(model_config: Any, tokenizer: Any) -> Any:
+    """The model config with its vocabulary (and input mode) set by the tokenizer.
+
+    A morphological tokenizer switches a qpf model to morphological input with the
+    tokenizer's root/prefix/suffix vocabulary sizes; other tokenizers set ``vocab_size``.
+    """
+    changes: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
+    if hasattr(tokenizer, "prefix_vocab_size"):
+        if not hasattr(model_config, "morphology"):
+            raise ConfigError(
+                "the morphological tokenizer needs a qpf model (morphological input mode); "
+                "use --tokenizer byte or gpt2 for baselines"
+            )
+        changes["input_mode"] = "morphological"
+        changes["morphology"] = dataclasses.replace(
+            model_config.morphology,
+            root_vocab_size=tokenizer.vocab_size,
+            prefix_vocab_size=tokenizer.prefix_vocab_size,
+            suffix_vocab_size=tokenizer.suffix_vocab_size,
+        )
+    elif getattr(model_config, "input_mode", "token") == "byte_patch" and (
+        tokenizer.vocab_size != 259
+    ):
+        raise ConfigError(
+            "byte-patch presets (*-byte) read UTF-8 bytes: use --tokenizer byte "
+            f"(got a tokenizer with vocabulary {tokenizer.vocab_size})"
+        )
+    return dataclasses.replace(model_config, **changes)
+
+
 def peak_lr(run: RunConfig) -> float:
     return (
         run.optim.lr
@@ -70,11 +100,10 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.datasets = build_datasets(run.data, jax.process_index(), jax.process_count())
         self.tokenizer = self.datasets.tokenizer
-        if run.model_config.vocab_size != self.tokenizer.vocab_size:
-            run = dataclasses.replace(
-                run, model_config=run.model_config.replace(vocab_size=self.tokenizer.vocab_size)
-            )
-        self.run = run
+        run = dataclasses.replace(
+            run, model_config=fit_model_to_tokenizer(run.model_config, self.tokenizer)
+        )
+        self.config = run
         self.family = run.family
         self.module = self.family.build(run.model_config)
         self.mesh = dist.make_mesh(run.train.data_parallel)
@@ -91,14 +120,14 @@ class Trainer:
     # ------------------------------------------------------------------ construction
 
     def _example_batch(self) -> jax.Array:
-        shape = (1, self.run.data.seq_len)
-        if self.run.data.tokenizer == "morphological":
+        shape = (1, self.config.data.seq_len)
+        if self.config.data.tokenizer == "morphological":
             shape = (*shape, 3)
         return jnp.zeros(shape, jnp.int32)
 
     def _build_steps(self) -> None:
         repl, rows = dist.replicated(self.mesh), dist.batch_sharding(self.mesh)
-        run = self.run
+        run = self.config
         self._init = jax.jit(
             lambda: init_train_state(self.module, self.tx, run.train.seed, self._example_batch()),
             out_shardings=repl,
@@ -128,7 +157,7 @@ class Trainer:
             return state, 0
         step, state, data_state, meta = restored
         saved = RunConfig.from_dict(meta["config"])
-        if saved.model_config != self.run.model_config or saved.model != self.run.model:
+        if saved.model_config != self.config.model_config or saved.model != self.config.model:
             raise ConfigError(
                 f"--resume: the checkpoint in {self.run_dir} was trained with model "
                 f"{saved.model} and a different model config; resume without changing the model"
@@ -141,7 +170,7 @@ class Trainer:
 
     def _meta(self, step: int, metrics: dict[str, float]) -> dict[str, Any]:
         return {
-            "config": self.run.to_dict(),
+            "config": self.config.to_dict(),
             "tokenizer": self.tokenizer.name,
             "step": step,
             "metrics": metrics,
@@ -150,7 +179,7 @@ class Trainer:
     def evaluate(self, params: Any) -> dict[str, float]:
         """Token-weighted validation CE, perplexity and bits per byte over the eval split."""
         sums = {"ce_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-        limit = self.run.train.eval_batches
+        limit = self.config.train.eval_batches
         for i, batch in enumerate(self.datasets.eval_batches()):
             if limit and i >= limit:
                 break
@@ -176,7 +205,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train from ``start_step`` to ``train.steps``; returns losses and final metrics."""
-        cfg = self.run.train
+        cfg = self.config.train
         bar = None
         if self.is_main and cfg.progress:
             from tqdm import tqdm
@@ -258,7 +287,7 @@ class Trainer:
     def _print_eval(self, step: int, val: dict[str, float]) -> None:
         # Every process samples (the params are global arrays); only process 0 prints.
         text = None
-        if self.sample_fn is not None and self.run.train.sample_tokens:
+        if self.sample_fn is not None and self.config.train.sample_tokens:
             text = self.sample_fn(self, self.state.params)
         if not self.is_main:
             return
