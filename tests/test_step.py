@@ -24,7 +24,10 @@ CFG = cfgs.ModelConfig(
 )
 
 
-def _setup(grad_accum=1, lr=1e-2, sgd=False, loss_cfg=LossConfig()):
+DEFAULT_LOSS = LossConfig()
+
+
+def _setup(grad_accum=1, lr=1e-2, sgd=False, loss_cfg=DEFAULT_LOSS):
     module = QPFModel(config=CFG)
     tx, _ = make_optimizer(OptimConfig(warmup_steps=0), lr, 20)
     if sgd:  # Adam's normalisation amplifies round-off in near-zero gradients; SGD does not
