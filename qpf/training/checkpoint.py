@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run: the last N steps plus the best by validation loss.
 
 A checkpoint holds the ``TrainState`` (params, optimizer state, step), the data iterator's
-state, and a JSON ``meta`` item (run config, tokenizer name, metrics). Orbax writes each
+state (one file per process), and a JSON ``meta`` item (run config, tokenizer name, metrics). Orbax writes each
 step into a temporary directory and renames it when complete, so a crash mid-save never
 touches the previous checkpoint; a step whose files are damaged anyway is skipped on
 restore with a warning and the next older one is used.
@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -55,22 +56,24 @@ class RunCheckpoints:
                 self.best_loss = min(self.best_loss, meta["metrics"]["val_loss"])
 
     @staticmethod
-    def _args(state: Any, data_state: dict, meta: dict) -> ocp.args.Composite:
+    def _args(state: Any, data_iter: Any, meta: dict) -> ocp.args.Composite:
+        # Grain's handler writes one iterator-state file per process, so every host of a
+        # multi-host run resumes its own shard of the data.
         return ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta),
         )
 
-    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-        """Save ``step`` among the last N (replacing nothing older than N)."""
+    def save(self, step: int, state: Any, data_iter: Any, meta: dict) -> None:
+        """Save ``step`` among the last N (the oldest beyond N is deleted)."""
         if step in self.last.all_steps():
             return
-        self.last.save(step, args=self._args(state, data_state, meta), force=True)
+        self.last.save(step, args=self._args(state, data_iter, meta), force=True)
         self.last.wait_until_finished()
 
     def save_if_best(
-        self, step: int, val_loss: float, state: Any, data_state: dict, meta: dict
+        self, step: int, val_loss: float, state: Any, data_iter: Any, meta: dict
     ) -> bool:
         """Keep this step as the best if its validation loss beats every earlier one."""
         if not val_loss < self.best_loss:
@@ -81,7 +84,7 @@ class RunCheckpoints:
             self.best.delete(old)
         self.best.save(
             step,
-            args=self._args(state, data_state, meta),
+            args=self._args(state, data_iter, meta),
             metrics={"val_loss": val_loss},
             force=True,
         )
@@ -106,23 +109,23 @@ class RunCheckpoints:
         return None
 
     def restore_latest(
-        self, abstract_state: Any, which: str = "last"
-    ) -> tuple[int, Any, dict, dict] | None:
-        """Restore the newest complete checkpoint: (step, state, data_state, meta).
+        self, abstract_state: Any, data_iter: Any | None = None, which: str = "last"
+    ) -> tuple[int, Any, dict] | None:
+        """Restore the newest complete checkpoint: (step, state, meta).
 
-        Damaged steps are skipped with a warning; None when there is no checkpoint at all.
+        ``data_iter`` (when given) is moved to the saved position in place. Damaged steps
+        are skipped with a warning; None when there is no checkpoint at all.
         """
         manager = self.last if which == "last" else self.best
         for step in sorted(manager.all_steps(), reverse=True):
             try:
-                restored = manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
+                items = {
+                    "state": ocp.args.StandardRestore(abstract_state),
+                    "meta": ocp.args.JsonRestore(),
+                }
+                if data_iter is not None:
+                    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+                restored = manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as err:
                 log.warning(
                     "checkpoint step %d in %s is incomplete or damaged (%s: %s); "
@@ -133,7 +136,7 @@ class RunCheckpoints:
                     str(err).splitlines()[0][:200] if str(err) else "",
                 )
                 continue
-            return step, restored["state"], restored["data"], restored["meta"]
+            return step, restored["state"], restored["meta"]
         return None
 
     def close(self) -> None:

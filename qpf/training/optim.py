@@ -24,9 +24,12 @@ class OptimConfig:
     lr: peak learning rate (None: the preset's). warmup_steps: linear warmup from 0.
     min_lr_ratio: cosine floor as a fraction of lr. clip_norm: global-norm clip (0 = off).
     grad_accum: micro-batches per optimizer step (the batch is split along its rows).
+    decay_steps: the cosine's horizon in optimizer steps; None = the run's ``train.steps``
+      when it starts (recorded then, so a resumed or extended run keeps its schedule).
     """
 
     lr: float | None = None
+    decay_steps: int | None = None
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -47,6 +50,8 @@ class OptimConfig:
             "eps": self.eps > 0,
             "clip_norm": self.clip_norm >= 0,
             "grad_accum": isinstance(self.grad_accum, int) and self.grad_accum >= 1,
+            "decay_steps": self.decay_steps is None
+            or (isinstance(self.decay_steps, int) and self.decay_steps >= 1),
         }
         allowed = {
             "lr": "> 0 or null",
@@ -58,6 +63,7 @@ class OptimConfig:
             "eps": "> 0",
             "clip_norm": ">= 0 (0 disables clipping)",
             "grad_accum": "an int >= 1",
+            "decay_steps": "an int >= 1 or null",
         }
         for name, ok in checks.items():
             if not ok:

@@ -103,12 +103,16 @@ class Trainer:
         run = dataclasses.replace(
             run, model_config=fit_model_to_tokenizer(run.model_config, self.tokenizer)
         )
+        if run.optim.decay_steps is None:  # fix the schedule's horizon at the run's start
+            run = dataclasses.replace(
+                run, optim=dataclasses.replace(run.optim, decay_steps=run.train.steps)
+            )
         self.config = run
         self.family = run.family
         self.module = self.family.build(run.model_config)
         self.mesh = dist.make_mesh(run.train.data_parallel)
         dist.check_batch_divisible(run.data.batch_size, self.mesh, run.optim.grad_accum)
-        self.tx, self.schedule = make_optimizer(run.optim, peak_lr(run), run.train.steps)
+        self.tx, self.schedule = make_optimizer(run.optim, peak_lr(run), run.optim.decay_steps)
         self.sample_fn = sample_fn
         self._build_steps()
         self.checkpoints = RunCheckpoints(self.run_dir, run.train.keep_checkpoints)
@@ -151,18 +155,17 @@ class Trainer:
                     "run, or choose a new --run-dir"
                 )
             return state, 0
-        restored = self.checkpoints.restore_latest(abstract_like(state))
+        restored = self.checkpoints.restore_latest(abstract_like(state), self.datasets.train)
         if restored is None:
             log.warning("--resume: no checkpoint in %s, starting from step 0", self.run_dir)
             return state, 0
-        step, state, data_state, meta = restored
+        step, state, meta = restored
         saved = RunConfig.from_dict(meta["config"])
         if saved.model_config != self.config.model_config or saved.model != self.config.model:
             raise ConfigError(
                 f"--resume: the checkpoint in {self.run_dir} was trained with model "
                 f"{saved.model} and a different model config; resume without changing the model"
             )
-        self.datasets.train.set_state(data_state)
         log.info("resumed from step %d", step)
         return state, int(step)
 
@@ -197,11 +200,12 @@ class Trainer:
         }
 
     def save(self, step: int, val: dict[str, float] | None) -> None:
-        data_state = self.datasets.train.get_state()
         meta = self._meta(step, val or {})
-        self.checkpoints.save(step, self.state, data_state, meta)
+        self.checkpoints.save(step, self.state, self.datasets.train, meta)
         if val is not None:
-            self.checkpoints.save_if_best(step, val["val/loss"], self.state, data_state, meta)
+            self.checkpoints.save_if_best(
+                step, val["val/loss"], self.state, self.datasets.train, meta
+            )
 
     def run(self) -> TrainResult:
         """Train from ``start_step`` to ``train.steps``; returns losses and final metrics."""
