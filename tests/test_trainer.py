@@ -50,7 +50,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def runs(tmp_path_factory, data_dir):
     """A 6-step run, and a 3-step run resumed to 6 (module-scoped: trains once)."""
     root = tmp_path_factory.mktemp("runs")
-    assert cli.main(_args(data_dir, root / "full", 6)) == 0
+    assert cli.main(_args(data_dir, root / "full", 6, "--profile-steps", "1:3")) == 0
     # Same schedule horizon as the full run: the cosine does not depend on where we stop.
     assert cli.main(_args(data_dir, root / "split", 3, "--set", "optim.decay_steps=6")) == 0
     assert cli.main(["--run-dir", str(root / "split"), "--resume", "--steps", "6",
@@ -82,6 +82,9 @@ def test_run_outputs_metrics_config_tensorboard_and_checkpoints(runs):
         6,
     ]
     assert [p.name for p in (run / "best").iterdir() if p.name.isdigit()] == ["6"]
+    traces = list((run / "profile").rglob("*.xplane.pb"))
+    assert traces, "--profile-steps 1:3 wrote no jax.profiler trace"
+    assert traces[0].stat().st_size > 0
 
 
 def test_damaged_checkpoint_is_skipped_with_a_warning(runs, tmp_path, caplog):
@@ -205,14 +208,20 @@ def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_sized_run_learns_and_samples(data_dir, tmp_path, capsys):
-    """The tiny preset at full size for 40 steps: the loss falls and a sample is printed."""
-    args = ["--dataset", "tinyshakespeare", "--data-dir", str(data_dir), "--run-dir",
-            str(tmp_path / "tiny"), "--steps", "40", "--eval-every", "40", "--eval-batches", "2",
-            "--no-progress", "--set", "train.sample_tokens=16"]  # fmt: skip
+def test_tiny_preset_learns_tinyshakespeare_in_50_steps(data_dir, tmp_path, capsys):
+    """The tiny preset at full size, bytes, 50 steps of 16 x 128.
+
+    Threshold: a model that only knew which of TinyShakespeare's 65 distinct characters
+    occur would score ln 65 = 4.17 nats/byte (uniform over all 259 ids: 5.56). Validation
+    loss below 3.9 means it has learned character frequencies and some context.
+    """
+    args = ["--dataset", "tinyshakespeare", "--data-dir", str(data_dir),
+            "--run-dir", str(tmp_path / "tiny"), "--steps", "50", "--eval-every", "50",
+            "--eval-batches", "8", "--log-every", "1", "--no-progress",
+            "--set", "train.sample_tokens=16"]  # fmt: skip
     assert cli.main(args) == 0
     losses = _losses(tmp_path / "tiny")
-    assert np.mean([losses[s] for s in (31, 32, 33, 34, 35, 36, 37, 38, 39, 40) if s in losses]) < (
-        losses[10] - 0.3
-    )
+    assert np.mean([losses[s] for s in range(41, 51)]) < np.mean([losses[s] for s in range(1, 11)])
+    val = [r for r in read_metrics(tmp_path / "tiny") if "val/loss" in r][-1]
+    assert val["val/loss"] < 3.9, val
     assert "--- sample ---" in capsys.readouterr().out

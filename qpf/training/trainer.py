@@ -259,7 +259,7 @@ class Trainer:
 
         for step in range(self.start_step + 1, cfg.steps + 1):
             if profile and step - 1 == profile[0]:
-                jax.profiler.start_trace(str(self.run_dir / "profile"))
+                jax.profiler.start_trace(str(self.run_dir / "profile"), create_perfetto_trace=True)
             batch = dist.global_batch(next(self.datasets.train), self.mesh)
             self.state, metrics = self._step(self.state, batch)
             flush()
