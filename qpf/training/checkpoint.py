@@ -3,8 +3,8 @@
 A checkpoint holds the ``TrainState`` (params, optimizer state, step), the data iterator's
 state (one file per process), and a JSON ``meta`` item (run config, tokenizer name,
 metrics). Orbax writes each step into a temporary directory and renames it when
-complete, so a crash mid-save never touches the previous checkpoint; a step whose files are damaged anyway is skipped on
-restore with a warning and the next older one is used.
+complete, so a crash mid-save never touches the previous checkpoint; a step whose files
+are damaged anyway is skipped on restore with a warning and the next older one is used.
 """
 
 from __future__ import annotations
