@@ -141,7 +141,8 @@ def test_num_samples_and_empty_prompt(qpf_run: Path, capsys: pytest.CaptureFixtu
         "--max-new-tokens", "3", "--top-k", "20",
     )  # fmt: skip
     assert rc == 0, err
-    assert "--- sample 0 ---" in out and "--- sample 1 ---" in out
+    assert "--- sample 0 ---" in out
+    assert "--- sample 1 ---" in out
 
 
 def test_beam_search_and_best_checkpoint(qpf_run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -177,19 +178,22 @@ def test_bad_options_exit_2(
         argv += ["--prompt", PROMPT]
     rc, out, err = _cli(capsys, *argv)
     assert rc == 2
-    assert message in err and out == ""
+    assert message in err
+    assert out == ""
 
 
 def test_missing_run_and_checkpoints_exit_2(
     qpf_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     rc, _, err = _cli(capsys, "--run-dir", str(tmp_path / "nope"), "--prompt", "x")
-    assert rc == 2 and "does not exist" in err
+    assert rc == 2
+    assert "does not exist" in err
     empty = tmp_path / "untrained"
     empty.mkdir()
     shutil.copy(qpf_run / "config.json", empty / "config.json")
     rc, _, err = _cli(capsys, "--run-dir", str(empty), "--prompt", "x")
-    assert rc == 2 and "train first: python -m experiments.train" in err
+    assert rc == 2
+    assert "train first: python -m experiments.train" in err
 
 
 def test_morphological_run_is_refused(qpf_run: Path, tmp_path: Path) -> None:
@@ -214,7 +218,8 @@ def test_transformer_generates_and_rejects_too_long_prompt(
         capsys, "--run-dir", str(transformer_run), "--prompt", PROMPT, "--max-new-tokens",
         str(TRANSFORMER_MAX_LEN),
     )  # fmt: skip
-    assert rc == 2 and out == ""
+    assert rc == 2
+    assert out == ""
     assert (
         f"prompt of {n} tokens + {TRANSFORMER_MAX_LEN} new tokens exceeds the model's "
         f"max_len {TRANSFORMER_MAX_LEN}"

@@ -12,19 +12,7 @@ from flax import linen as nn
 from qpf.config import ConfigError
 from qpf.generation.core import DecodeState, Params, prefill
 from qpf.generation.decode import decode
-from qpf.sampling import DEFAULT_SAMPLING, SamplingConfig
-
-
-def prompt_presence(ids: np.ndarray, vocab_size: int) -> jax.Array:
-    """Bool ``[B, V]``: the tokens present in each row of ``ids [B, T]``.
-
-    Built on the host by scattering, not by ``presence_from_tokens``'s one-hot: that
-    materialises ``[B, T, V]``, which for a 256K-token prompt and a 50K vocabulary is 13 GB.
-    """
-    presence = np.zeros((ids.shape[0], vocab_size), np.bool_)
-    rows = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
-    presence[rows, ids] = True
-    return jnp.asarray(presence)
+from qpf.sampling import DEFAULT_SAMPLING, SamplingConfig, presence_from_tokens
 
 
 def generate_text(
@@ -72,7 +60,7 @@ def generate_text(
         )
     else:
         logits, state = prefilled
-    presence = prompt_presence(ids, logits.shape[-1])
+    presence = presence_from_tokens(jnp.asarray(ids), logits.shape[-1])
     key = jax.random.key(seed)
     generated: list[int] = []
     emitted = ""  # text of ``generated`` already yielded
