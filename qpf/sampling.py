@@ -84,11 +84,16 @@ def row_keys(key: Array, step: Array | int, batch: int) -> Array:
 
 
 def presence_from_tokens(tokens: Array, vocab_size: int, mask: Array | None = None) -> Array:
-    """Token history ``[B, T]`` (optionally masked ``[B, T]`` bool) -> presence ``[B, V]``."""
-    hits = jax.nn.one_hot(tokens, vocab_size, dtype=jnp.bool_)
-    if mask is not None:
-        hits = hits & mask[..., None]
-    return jnp.any(hits, axis=1)
+    """Token history ``[B, T]`` (optionally masked ``[B, T]`` bool) -> presence ``[B, V]``.
+
+    A scatter, O(B·T + B·V) memory: a one-hot ``[B, T, V]`` would take 13 GB for a
+    256K-token prompt with the GPT-2 vocabulary.
+    """
+    tokens = jnp.asarray(tokens)
+    hit = jnp.ones(tokens.shape, jnp.int8) if mask is None else jnp.asarray(mask, jnp.int8)
+    rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+    counts = jnp.zeros((tokens.shape[0], vocab_size), jnp.int8).at[rows, tokens].max(hit)
+    return counts > 0
 
 
 def apply_repetition_penalty(logits: Array, presence: Array, penalty: float) -> Array:

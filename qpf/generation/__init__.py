@@ -10,6 +10,8 @@ always the variables dict given to ``module.apply`` (``{'params': ...}``).
 - ``beam_search``: beams as batch rows, states reordered by a gather over the batch axis.
 - ``stream_logprobs`` / ``evaluate_stream``: NLL of inputs of any length in flat memory.
 - ``generate_text``: streaming text pieces for a CLI.
+- ``generate_from_run`` / ``stream_from_run`` (``qpf.generation.from_run``): the same from
+  a training run directory (imported lazily: it pulls in the training and data stack).
 
 Episodic memory must use a streamable regime ('chunked' or 'sliding'); 'original' switches
 its rule with the total length and is rejected when a state is passed.
@@ -35,10 +37,23 @@ from qpf.generation.decode import (
 from qpf.generation.stream import StreamStats, chunk_logprobs, evaluate_stream, stream_logprobs
 from qpf.generation.text import generate_text
 
+# Loaded on first use: from_run imports qpf.training (and through it the data pipeline).
+_FROM_RUN = ("GenerateOptions", "generate_from_run", "stream_from_run", "stream_loaded")
+
+
+def __getattr__(name: str):
+    if name in _FROM_RUN:
+        from qpf.generation import from_run
+
+        return getattr(from_run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BeamResult",
     "DecodeResult",
     "DecodeState",
+    "GenerateOptions",
     "StreamStats",
     "batch_axes",
     "beam_search",
@@ -47,11 +62,14 @@ __all__ = [
     "evaluate_stream",
     "forward_last",
     "generate",
+    "generate_from_run",
     "generate_text",
     "length_normaliser",
     "prefill",
     "start_state",
     "step",
+    "stream_from_run",
+    "stream_loaded",
     "stream_logprobs",
     "take_rows",
 ]

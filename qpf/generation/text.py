@@ -10,7 +10,7 @@ import numpy as np
 from flax import linen as nn
 
 from qpf.config import ConfigError
-from qpf.generation.core import Params, prefill
+from qpf.generation.core import DecodeState, Params, prefill
 from qpf.generation.decode import decode
 from qpf.sampling import DEFAULT_SAMPLING, SamplingConfig, presence_from_tokens
 
@@ -29,6 +29,7 @@ def generate_text(
     pad_id: int = 0,
     block_size: int = 1,
     chunk_size: int | None = None,
+    prefilled: tuple[jax.Array, DecodeState] | None = None,
 ) -> Iterator[str]:
     """Yield the text of each new token (batch 1) as it is generated.
 
@@ -37,6 +38,10 @@ def generate_text(
     loop (1 = lowest latency). Text is emitted only once it is stable: a piece that ends in
     an incomplete UTF-8 sequence (U+FFFD) waits for the next token. Stops at ``eos_id``
     (not yielded) or after ``max_new_tokens``.
+
+    prefilled: (logits, state) that ``prefill`` already returned for this prompt (with
+    ``max_len`` >= prompt + ``max_new_tokens``), so several samples can share one prefill
+    of a long prompt; None prefills here, ``chunk_size`` tokens per compiled call.
     """
     if isinstance(prompt, str):
         if encode is None:
@@ -44,11 +49,18 @@ def generate_text(
         prompt = encode(prompt)
     if block_size < 1:
         raise ConfigError(f"block_size = {block_size} is invalid: allowed an int >= 1")
-    ids = jnp.asarray(np.asarray(prompt, np.int32)[None])
-    logits, state = prefill(
-        module, params, ids, chunk_size=chunk_size, max_len=ids.shape[1] + max_new_tokens
-    )
-    presence = presence_from_tokens(ids, logits.shape[-1])
+    ids = np.asarray(prompt, np.int32)[None]
+    if prefilled is None:
+        logits, state = prefill(
+            module,
+            params,
+            jnp.asarray(ids),
+            chunk_size=chunk_size,
+            max_len=ids.shape[1] + max_new_tokens,
+        )
+    else:
+        logits, state = prefilled
+    presence = presence_from_tokens(jnp.asarray(ids), logits.shape[-1])
     key = jax.random.key(seed)
     generated: list[int] = []
     emitted = ""  # text of ``generated`` already yielded

@@ -1,0 +1,122 @@
+"""Generate text from a trained run: ``python -m experiments.generate --run-dir DIR --prompt TEXT``.
+
+The continuation is streamed to stdout as it is generated (status lines go to stderr). The
+prompt (``--prompt`` or ``--prompt-file``, any length) is prefilled ``--chunk-size`` tokens
+at a time with the carried state, so memory stays flat for recurrent models; the
+transformer's KV cache must hold prompt + new tokens within its max_len. Bad options exit
+with status 2 and a message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qpf.config import ConfigError
+from qpf.data import MissingDataError
+from qpf.generation.from_run import DEFAULT_CHUNK, GenerateOptions, stream_loaded
+from qpf.sampling import SamplingConfig
+from qpf.training.checkpoint import CheckpointError
+from qpf.training.restore import CHECKPOINT_CHOICES, load_run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__)
+    p.add_argument("--run-dir", required=True, help="a run directory of experiments.train")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="prompt text ('' = start from BOS)")
+    src.add_argument("--prompt-file", type=Path, default=None, help="read the prompt (UTF-8)")
+    p.add_argument(
+        "--checkpoint",
+        choices=CHECKPOINT_CHOICES,
+        default="latest",
+        help="latest (default) or best (lowest validation loss)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--num-samples", type=int, default=1, help="samples sharing one prefill")
+    p.add_argument("--beam-width", type=int, default=1, help="> 1: beam search (deterministic)")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="beam ranking exponent")
+    p.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK, help="prompt tokens per prefill call"
+    )
+    p.add_argument(
+        "--block-size", type=int, default=1, help="tokens per compiled decode call (latency)"
+    )
+    p.add_argument("--data-dir", default=None, help="tokenizer data folder (GPT-2 ranks)")
+    return p.parse_args(argv)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        return args.prompt or ""
+    try:
+        return args.prompt_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--prompt-file {args.prompt_file}: {err}") from err
+
+
+def options_from_args(args: argparse.Namespace) -> GenerateOptions:
+    """Validate every generation option before the (slow) checkpoint load."""
+    sampling = SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+    return GenerateOptions(
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=args.seed,
+        beam_width=args.beam_width,
+        length_penalty=args.length_penalty,
+        num_samples=args.num_samples,
+        chunk_size=args.chunk_size,
+        block_size=args.block_size,
+    )
+
+
+def _quiet_libraries() -> None:
+    # Orbax logs every restore through absl at INFO; keep the console for the text.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = parse_args(argv)
+    try:
+        options = options_from_args(args)
+        prompt = read_prompt(args)
+        run = load_run(args.run_dir, args.checkpoint, args.data_dir)
+        print(
+            f"loaded {run.config.model} step {run.step} ({args.checkpoint}) from {run.run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        for index, piece in stream_loaded(run, prompt, options):
+            if not piece:  # a sample starts
+                if options.num_samples > 1:
+                    gap = "\n" if index else ""  # end the previous sample's line
+                    print(f"{gap}--- sample {index} ---", flush=True)
+                continue
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print(flush=True)
+    except (ConfigError, CheckpointError, MissingDataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
