@@ -127,12 +127,14 @@ def load_run(
     )
     checkpoints = RunCheckpoints(run_dir)
     try:
-        restored = checkpoints.restore_latest(abstract, "last" if which == "latest" else "best")
+        restored = checkpoints.restore_latest(
+            abstract, which="last" if which == "latest" else "best"
+        )
     finally:
         checkpoints.close()
     if restored is None:
         raise CheckpointError(_no_checkpoint(run_dir, which))
-    step, state, _data_state, _meta = restored
+    step, state, _meta = restored
     return LoadedRun(module, {"params": state.params}, run, tokenizer, int(step), run_dir)
 
 
