@@ -279,6 +279,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for spec, _family, preset in models
     ]
     out = args.out or Path("runs") / f"compare-{args.dataset}"
+    for spec, _ in runs:
+        # A previous comparison's run would make the Trainer refuse (or mix two runs' logs).
+        if (out / spec.replace(":", "-")).exists():
+            raise ConfigError(f"{out / spec.replace(':', '-')} exists: choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     trained = []

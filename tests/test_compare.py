@@ -77,3 +77,10 @@ def test_bad_options_fail_before_training(extra, message, tmp_path, capsys):
         compare.main(["--models", "transformer:tiny", "--out", str(tmp_path), *extra])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_existing_run_dir_is_refused(tmp_path, capsys):
+    (tmp_path / "transformer-tiny").mkdir()
+    with pytest.raises(SystemExit):
+        compare.main(["--models", "transformer:tiny", "--out", str(tmp_path)])
+    assert "choose a new --out" in capsys.readouterr().err
