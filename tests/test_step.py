@@ -48,8 +48,8 @@ def test_loss_matches_objectives_and_accumulation_matches_one_batch():
     _, _, step2, _ = _setup(2, sgd=True, loss_cfg=ce_only)
     s1, m1 = step1(state, batch)
     s2, m2 = step2(state, batch)
-    out = module.apply({"params": state.params}, batch["tokens"])
-    terms = objective_terms(out, batch["tokens"], batch["mask"], LossConfig())
+    out = jax.jit(module.apply)({"params": state.params}, batch["tokens"])
+    terms = objective_terms(out, batch["tokens"], batch["mask"], ce_only)
     np.testing.assert_allclose(float(m1["loss"]), float(total_loss(terms, ce_only)), 1e-5)
     np.testing.assert_allclose(float(m1["ce"]), float(m2["ce"]), rtol=1e-5)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-3)
@@ -88,7 +88,7 @@ def test_eval_counts_target_tokens_and_bytes():
     out = ev(state.params, batch)
     assert int(out["tokens"]) == 22
     assert int(out["bytes"]) == 44
-    full = module.apply({"params": state.params}, batch["tokens"])
+    full = jax.jit(module.apply)({"params": state.params}, batch["tokens"])
     logp = jax.nn.log_softmax(full.logits[:, :-1])
     nll = -jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], -1)[..., 0]
     want = float((nll * batch["mask"][:, 1:]).sum())
