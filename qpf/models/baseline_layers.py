@@ -66,3 +66,19 @@ def validate_common(cfg: Any) -> None:
     _one_of(cfg, "dtype", tuple(DTYPES))
     _one_of(cfg, "param_dtype", tuple(DTYPES))
     _require(isinstance(cfg.tie_embeddings, bool), cfg, "tie_embeddings", "a bool")
+
+
+def output_logits(c: Any, embed: nn.Embed, x: Array, dtype: Dtype, param_dtype: Dtype) -> Array:
+    """Final norm and LM head (tied to ``embed`` or its own ``lm_head``): ``[B, T, d]`` ->
+    ``[B, T, V]``. Call from inside the model's compact ``__call__`` (names its submodules)."""
+    x = Norm(c.norm, param_dtype, name="final_norm")(x)
+    if c.tie_embeddings:
+        return embed.attend(x)
+    return nn.Dense(
+        c.vocab_size,
+        use_bias=False,
+        kernel_init=normal_002,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name="lm_head",
+    )(x)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from qpf.config import _positive_int, _require
-from qpf.models.baseline_layers import DTYPES, Norm, normal_002, validate_common
+from qpf.models.baseline_layers import DTYPES, Norm, normal_002, output_logits, validate_common
 from qpf.models.family import ModelFamily, Preset, State, register_family
 from qpf.models.qpf import ModelOutput
 from qpf.ops.scan import linear_scan
@@ -199,18 +199,7 @@ class DiagRNN(nn.Module):
             y = drop(y, deterministic=deterministic)
             x = x + (scales[i].astype(dt) * y).astype(x.dtype)
             finals.append(h_last)
-        x = Norm(c.norm, pdt, name="final_norm")(x)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(
-                c.vocab_size,
-                use_bias=False,
-                kernel_init=normal_002,
-                dtype=dt,
-                param_dtype=pdt,
-                name="lm_head",
-            )(x)
+        logits = output_logits(c, embed, x, dt, pdt)
         return ModelOutput(
             logits=logits,
             phase_states=None,

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from qpf.config import _one_of, _positive_int, _require
-from qpf.models.baseline_layers import DTYPES, Norm, normal_002, validate_common
+from qpf.models.baseline_layers import DTYPES, Norm, normal_002, output_logits, validate_common
 from qpf.models.family import ModelFamily, Preset, State, register_family
 from qpf.models.qpf import ModelOutput
 
@@ -268,18 +268,7 @@ class Transformer(nn.Module):
             x, (k, v) = Block(c, name=f"blocks_{i}")(x, positions, cache, deterministic)
             ks.append(k)
             vs.append(v)
-        x = Norm(c.norm, pdt, name="final_norm")(x)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(
-                c.vocab_size,
-                use_bias=False,
-                kernel_init=normal_002,
-                dtype=dt,
-                param_dtype=pdt,
-                name="lm_head",
-            )(x)
+        logits = output_logits(c, embed, x, dt, pdt)
 
         new_pos = pos + t
         if state is not None:
