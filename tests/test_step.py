@@ -93,3 +93,24 @@ def test_eval_counts_target_tokens_and_bytes():
     nll = -jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], -1)[..., 0]
     want = float((nll * batch["mask"][:, 1:]).sum())
     np.testing.assert_allclose(float(out["ce_sum"]), want, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
+    module = QPFModel(config=CFG.replace(dtype="bfloat16"))
+    tx, _ = make_optimizer(OptimConfig(warmup_steps=0), 1e-2, 20)
+    batch = {
+        "tokens": jax.random.randint(jax.random.key(1), (4, 7), 0, 31),
+        "mask": jnp.ones((4, 7), bool),
+    }
+    state = init_train_state(module, tx, 0, batch["tokens"][:1])
+    step = jax.jit(make_train_step(module, tx, LossConfig(), seed=0))
+    new, m = step(state, batch)
+    assert np.isfinite(float(m["loss"]))
+    assert int(m["nonfinite"]) == 0
+    for leaf in jax.tree.leaves((new.params, new.opt_state)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.float32
+    # The update moved the float32 master weights.
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),
+                                                     jax.tree.leaves(new.params))]  # fmt: skip
+    assert any(moved)
