@@ -41,6 +41,33 @@ def require_shared() -> Path:
     return path
 
 
+def fixtures_root() -> Path:
+    """Root of the golden fixtures: ``QPF_FIXTURES_DIR``, else ``<shared>/fixtures``.
+
+    Skips (fails under ``QPF_REQUIRE_SHARED=1``) when the folder does not exist.
+    """
+    env = os.environ.get("QPF_FIXTURES_DIR")
+    if env:
+        path = Path(env).resolve()
+        if not path.is_dir():
+            pytest.fail(f"QPF_FIXTURES_DIR={env} is not a folder")
+        return path
+    return require_shared() / "fixtures"
+
+
+def fixture_files(subdir: str, pattern: str) -> list[Path]:
+    """Fixture files of one system (``subdir`` under the root, "" for v4) matching ``pattern``.
+
+    Parity tests select files by glob, never by exact name, so another fixture set of the
+    same layout is checked by the same tests. A pattern that matches nothing is a failure.
+    """
+    folder = fixtures_root() / subdir if subdir else fixtures_root()
+    files = sorted(folder.glob(pattern))
+    if not files:
+        pytest.fail(f"no fixture file matches {folder / pattern} (set QPF_FIXTURES_DIR)")
+    return files
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return require_shared()
