@@ -16,12 +16,12 @@ from pathlib import Path
 
 from qpf.config import ConfigError
 from qpf.data import DataConfig, MissingDataError
+from qpf.generation.train_sample import make_sample_fn
 from qpf.models.family import resolve_model
 from qpf.training import distributed as dist
 from qpf.training.config import RunConfig, TrainConfig
 from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig
-from qpf.training.sample import make_sample_fn
 from qpf.training.trainer import Trainer, TrainingDiverged
 
 DEFAULT_DATASET = "tinyshakespeare"

@@ -26,26 +26,48 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the allowed values."""
 
 
-def _require(cond: bool, obj: Any, field: str, allowed: str) -> None:
+# Public validation helpers: every config's ``__post_init__`` (here, in the baselines and
+# in qpf.training) states its constraints with these, so errors read the same everywhere:
+# "<Class>.<field> = <value> is invalid: allowed <range>".
+
+
+def require(cond: bool, obj: Any, field: str, allowed: str) -> None:
+    """Unless ``cond``: a ``ConfigError`` naming ``obj``'s ``field``, its value and ``allowed``."""
     if not cond:
         value = getattr(obj, field)
         raise ConfigError(f"{type(obj).__name__}.{field} = {value!r} is invalid: allowed {allowed}")
 
 
-def _positive_int(obj: Any, *fields: str) -> None:
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def positive_int(obj: Any, *fields: str) -> None:
+    """Each of ``fields`` is an int > 0."""
+    for f in fields:
+        require(_is_int(getattr(obj, f)) and getattr(obj, f) > 0, obj, f, "an int > 0")
+
+
+def nonnegative_int(obj: Any, *fields: str) -> None:
+    """Each of ``fields`` is an int >= 0."""
+    for f in fields:
+        require(_is_int(getattr(obj, f)) and getattr(obj, f) >= 0, obj, f, "an int >= 0")
+
+
+def rate(obj: Any, *fields: str) -> None:
+    """Each of ``fields`` is a float in [0, 1) (dropout rates)."""
     for f in fields:
         v = getattr(obj, f)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, obj, f, "an int > 0")
+        require(isinstance(v, int | float) and 0.0 <= v < 1.0, obj, f, "a float in [0, 1)")
 
 
-def _rate(obj: Any, *fields: str) -> None:
-    for f in fields:
-        v = getattr(obj, f)
-        _require(isinstance(v, int | float) and 0.0 <= v < 1.0, obj, f, "a float in [0, 1)")
+def one_of(obj: Any, field: str, choices: tuple[str, ...]) -> None:
+    """``field`` is one of ``choices``."""
+    require(getattr(obj, field) in choices, obj, field, f"one of {', '.join(choices)}")
 
 
-def _one_of(obj: Any, field: str, choices: tuple[str, ...]) -> None:
-    _require(getattr(obj, field) in choices, obj, field, f"one of {', '.join(choices)}")
+# The former private names, for code written against them (new families on other branches).
+_require, _positive_int, _rate, _one_of = require, positive_int, rate, one_of
 
 
 # ----------------------------------------------------------------------------- banks
@@ -61,9 +83,9 @@ class SemanticBankConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _positive_int(self, "num_concepts")
-        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
-        _rate(self, "dropout")
+        positive_int(self, "num_concepts")
+        require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+        rate(self, "dropout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +97,8 @@ class ContextBankConfig:
     num_layers: int = 2
 
     def __post_init__(self) -> None:
-        _positive_int(self, "window_size")
-        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+        positive_int(self, "window_size")
+        require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +110,8 @@ class LanguageBankConfig:
     num_layers: int = 2
 
     def __post_init__(self) -> None:
-        _positive_int(self, "num_languages")
-        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+        positive_int(self, "num_languages")
+        require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +122,7 @@ class EmotionBankConfig:
     num_emotions: int = 8
 
     def __post_init__(self) -> None:
-        _positive_int(self, "num_emotions")
+        positive_int(self, "num_emotions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +135,9 @@ class MorphologyBankConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _positive_int(self, "num_patterns")
-        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
-        _rate(self, "dropout")
+        positive_int(self, "num_patterns")
+        require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+        rate(self, "dropout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +151,9 @@ class OrthographyBankConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _positive_int(self, "num_shape_patterns", "num_script_classes")
-        _require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
-        _rate(self, "dropout")
+        positive_int(self, "num_shape_patterns", "num_script_classes")
+        require(self.num_layers >= 0, self, "num_layers", "an int >= 0")
+        rate(self, "dropout")
 
 
 BankConfig = (
@@ -159,9 +181,9 @@ class CouplerConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _one_of(self, "type", ("interference",))
-        _require(isinstance(self.dynamic_routing, bool), self, "dynamic_routing", "a bool")
-        _rate(self, "dropout")
+        one_of(self, "type", ("interference",))
+        require(isinstance(self.dynamic_routing, bool), self, "dynamic_routing", "a bool")
+        rate(self, "dropout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,10 +207,10 @@ class BackboneConfig:
     remat: bool = False
 
     def __post_init__(self) -> None:
-        _one_of(self, "type", ("oscillatory_ssm",))
-        _positive_int(self, "state_dim", "num_layers", "chunk_size", "unroll")
-        _rate(self, "dropout")
-        _one_of(self, "scan_type", SCAN_TYPES)
+        one_of(self, "type", ("oscillatory_ssm",))
+        positive_int(self, "state_dim", "num_layers", "chunk_size", "unroll")
+        rate(self, "dropout")
+        one_of(self, "scan_type", SCAN_TYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,8 +228,8 @@ class MemoryConfig:
     scale_init: float = 0.1
 
     def __post_init__(self) -> None:
-        _one_of(self, "type", ("phase_associative",))
-        _positive_int(self, "num_slots", "top_k", "key_chunk_size")
+        one_of(self, "type", ("phase_associative",))
+        positive_int(self, "num_slots", "top_k", "key_chunk_size")
 
 
 EPISODIC_REGIMES = ("chunked", "sliding", "original")
@@ -233,8 +255,8 @@ class EpisodicConfig:
     regime: str = "chunked"
 
     def __post_init__(self) -> None:
-        _positive_int(self, "window")
-        _one_of(self, "regime", EPISODIC_REGIMES)
+        positive_int(self, "window")
+        one_of(self, "regime", EPISODIC_REGIMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,8 +267,8 @@ class BytePatchConfig:
     decoder_layers: int = 2
 
     def __post_init__(self) -> None:
-        _positive_int(self, "patch_size")
-        _require(self.decoder_layers >= 0, self, "decoder_layers", "an int >= 0")
+        positive_int(self, "patch_size")
+        require(self.decoder_layers >= 0, self, "decoder_layers", "an int >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,9 +281,9 @@ class MorphologyEmbedConfig:
     null_affix_id: int = 4
 
     def __post_init__(self) -> None:
-        _positive_int(self, "root_vocab_size", "prefix_vocab_size", "suffix_vocab_size")
+        positive_int(self, "root_vocab_size", "prefix_vocab_size", "suffix_vocab_size")
         for f in ("prefix_vocab_size", "suffix_vocab_size"):
-            _require(getattr(self, f) > self.null_affix_id, self, f, "> null_affix_id")
+            require(getattr(self, f) > self.null_affix_id, self, f, "> null_affix_id")
 
 
 INPUT_MODES = ("token", "byte_patch", "morphological")
@@ -295,17 +317,17 @@ class ModelConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _positive_int(self, "vocab_size", "dim")
-        _one_of(self, "input_mode", INPUT_MODES)
-        _one_of(self, "dtype", DTYPES)
-        _one_of(self, "param_dtype", DTYPES)
-        _require(isinstance(self.banks, tuple), self, "banks", "a tuple of bank configs")
+        positive_int(self, "vocab_size", "dim")
+        one_of(self, "input_mode", INPUT_MODES)
+        one_of(self, "dtype", DTYPES)
+        one_of(self, "param_dtype", DTYPES)
+        require(isinstance(self.banks, tuple), self, "banks", "a tuple of bank configs")
         names = [b.type for b in self.banks]
-        _require(len(set(names)) == len(names), self, "banks", "distinct bank types")
+        require(len(set(names)) == len(names), self, "banks", "distinct bank types")
         for b in self.banks:
-            _require(type(b) in BANK_CONFIGS.values(), self, "banks", "registered bank configs")
+            require(type(b) in BANK_CONFIGS.values(), self, "banks", "registered bank configs")
         if self.input_mode == "byte_patch":
-            _require(self.vocab_size >= 259, self, "vocab_size", ">= 259 in byte_patch mode")
+            require(self.vocab_size >= 259, self, "vocab_size", ">= 259 in byte_patch mode")
 
     @property
     def bank_names(self) -> tuple[str, ...]:

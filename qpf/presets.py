@@ -48,6 +48,27 @@ def _build(name: str) -> Preset:
 
 PRESETS: dict[str, Preset] = {name: _build(name) for name in _TABLE}
 
+# Tiny, prime-ish shapes that compile in seconds, every stage of tiny-byte on (byte patches,
+# two banks, SSM, global and episodic memory): the family-generic tests build this one.
+TEST_PRESET = Preset(
+    name="test",
+    model=cfgs.ModelConfig(
+        vocab_size=259,
+        dim=6,
+        input_mode="byte_patch",
+        banks=(
+            cfgs.SemanticBankConfig(num_concepts=5, num_layers=1),
+            cfgs.ContextBankConfig(window_size=3, num_layers=1),
+        ),
+        backbone=cfgs.BackboneConfig(state_dim=7, num_layers=2),
+        memory=cfgs.MemoryConfig(num_slots=5, top_k=3, key_chunk_size=3),
+        episodic=cfgs.EpisodicConfig(window=4),
+        byte_patch=cfgs.BytePatchConfig(patch_size=3, decoder_layers=1),
+    ),
+    batch_size=4,
+    learning_rate=1e-2,
+)
+
 
 def get_preset(name: str) -> Preset:
     """The preset called ``name``; an unknown name lists the valid ones."""
@@ -62,6 +83,12 @@ QPF_FAMILY = register_family(
         config_cls=cfgs.ModelConfig,
         build=lambda config: QPFModel(config=config),
         init_state=lambda config, batch_size, max_len: init_state(config, batch_size),
-        presets=PRESETS,
+        presets={**PRESETS, "test": TEST_PRESET},
+        exempt={
+            "bf16": "bfloat16 compute moves logits by up to ~1x their spread at the test "
+            "preset (measured max 0.98, mean 0.07 of the spread: memory top-k near-ties flip "
+            "and the banks amplify rounding); tests/test_qpf.py bounds it in absolute terms",
+        },
+        piece_alignment=lambda c: c.byte_patch.patch_size if c.input_mode == "byte_patch" else 1,
     )
 )

@@ -22,6 +22,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Most of the suite's time is XLA compiling small models; a persistent compilation cache
+# makes a second run (and every test that rebuilds an identical program, e.g. a resumed
+# trainer) reuse executables. QPF_JAX_CACHE_DIR overrides the folder; "off" disables it.
+_cache_dir = os.environ.get("QPF_JAX_CACHE_DIR", str(REPO / ".cache" / "jax"))
+if _cache_dir != "off":
+    jax.config.update("jax_compilation_cache_dir", _cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 def shared_dir_or_none() -> Path | None:
     env = os.environ.get("QPF_SHARED_DIR")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 import pytest
 from conftest import load_fixture
 
@@ -24,14 +25,16 @@ def test_parity_memory_read_fixture(chunk):
         cfg=cfgs.MemoryConfig(num_slots=100, top_k=32, key_chunk_size=chunk)
     )
     x = p2d.from_torch_layout(jnp.asarray(z["input"]))
-    out, read = mem.apply({"params": params}, x)
-    np.testing.assert_array_equal(read["indices"], z["topk_indices"])
-    np.testing.assert_allclose(read["weights"], z["topk_weights"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(p2d.to_torch_layout(out), z["output"], rtol=1e-4, atol=1e-5)
-    # The original's dense debugging path computes the same values.
-    np.testing.assert_allclose(
-        p2d.to_torch_layout(out), z["output_dense_path"], rtol=1e-4, atol=1e-5
+    with parity.float32_matmuls():
+        out, read = mem.apply({"params": params}, x)
+    out = p2d.to_torch_layout(out)
+    failures = parity.topk(
+        "topk", read["indices"], z["topk_indices"], read["weights"], z["topk_weights"], 1e-4, 1e-6
     )
+    failures += parity.close("output", out, z["output"], 1e-4, 1e-5)
+    # The original's dense debugging path computes the same values.
+    failures += parity.close("output_dense_path", out, z["output_dense_path"], 1e-4, 1e-5)
+    parity.report(failures)
 
 
 def episodic_reference(s: np.ndarray, wq, wk, wv, window: int, regime: str) -> np.ndarray:

@@ -150,3 +150,33 @@ def test_bad_arguments_raise_clear_errors():
         scan.linear_scan(a, a[:, :2])
     with pytest.raises(ValueError, match="h0"):
         scan.linear_scan(a, a, jnp.zeros((2, 2, 3)))
+
+
+def test_auto_scan_type_resolves_by_platform_and_registered_kernels(monkeypatch):
+    monkeypatch.setattr(scan, "SCAN_BACKENDS", {})
+    assert scan.resolve_scan_type("auto", "cpu") == "sequential"
+    assert scan.resolve_scan_type("auto", "gpu") == "chunked"  # no kernel registered
+    assert scan.resolve_scan_type("chunked", "gpu") == "chunked"
+    calls = []
+    scan.register_scan_backend("pallas", lambda *args: calls.append(args) or ("h", "last"))
+    assert scan.resolve_scan_type("auto", "gpu") == "pallas"
+    assert scan.resolve_scan_type("auto", "gpu", fused=False) == "chunked"
+    assert scan.resolve_scan_type("auto", "tpu") == "chunked"
+    assert scan.oscillatory_scan(1, 2, 3, 4, scan_type="pallas") == ("h", "last")
+    assert calls == [(1, 2, 3, 4, None)]
+
+
+def test_pallas_without_the_kernels_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(scan, "SCAN_BACKENDS", {})
+    x = jnp.zeros((1, 3, 4))
+    with pytest.raises(ValueError, match="import kernels"):
+        scan.oscillatory_scan(x, jnp.zeros((1, 3, 2, 4)), x[0, 0], x[0, 0], scan_type="pallas")
+
+
+def test_qpf_does_not_import_the_kernels_package():
+    import subprocess
+    import sys
+
+    code = "import sys, qpf.models.family as f; f.family_names(); print('kernels' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

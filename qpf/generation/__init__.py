@@ -37,7 +37,9 @@ from qpf.generation.decode import (
 from qpf.generation.stream import StreamStats, chunk_logprobs, evaluate_stream, stream_logprobs
 from qpf.generation.text import generate_text
 
-# Loaded on first use: from_run imports qpf.training (and through it the data pipeline).
+# Loaded on first use, to keep importing qpf.generation light: from_run imports
+# qpf.training.restore (Orbax, the run config). The dependency is one-way: qpf.training
+# never imports qpf.generation.
 _FROM_RUN = ("GenerateOptions", "generate_from_run", "stream_from_run", "stream_loaded")
 
 

@@ -1,8 +1,8 @@
 """Pieces shared by the real-valued baselines (transformer, DiagRNN): norms, init, dtypes.
 
-Everything here is plain real arithmetic on ``[..., dim]`` arrays. Norms compute their
-statistics in float32 (float64 under x64) whatever the compute dtype, and cast back, so a
-bfloat16 model keeps stable normalisation.
+Everything here is plain real arithmetic on ``[..., dim]`` arrays. Norms are Flax's own
+(statistics in float32 whatever the compute dtype), so a bfloat16 model keeps stable
+normalisation.
 """
 
 from __future__ import annotations
@@ -11,18 +11,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from qpf.config import _one_of, _positive_int, _rate, _require
+from qpf.config import one_of, positive_int, rate, require
+from qpf.models.contract import DTYPES
 
 Array = jax.Array
 Dtype = Any
 
-DTYPES: dict[str, Dtype] = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float64": jnp.float64,
-}
 NORMS = ("rmsnorm", "layernorm")
 NORM_EPS = 1e-6
 
@@ -30,48 +25,35 @@ NORM_EPS = 1e-6
 normal_002 = nn.initializers.normal(stddev=0.02)
 
 
-class Norm(nn.Module):
-    """RMSNorm (scale only) or LayerNorm (scale and shift) over the last axis.
+def norm(c: Any, name: str) -> nn.Module:
+    """The config's norm (``c.norm``) over the last axis: Flax's RMSNorm or LayerNorm.
 
-    ``[..., d]`` -> ``[..., d]`` in the input dtype; statistics in float32.
+    ``[..., d]`` -> ``[..., d]`` in the compute dtype ``c.dtype``; statistics in float32
+    (float64 under x64); parameters ``scale`` (and ``bias`` for LayerNorm) in
+    ``c.param_dtype``. LayerNorm uses the two-pass variance E[(x - mean)²].
     """
-
-    kind: str = "rmsnorm"
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        d = x.shape[-1]
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        xf = x.astype(acc)
-        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
-        if self.kind == "rmsnorm":
-            y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + NORM_EPS)
-            y = y * scale.astype(acc)
-        elif self.kind == "layernorm":
-            mu = jnp.mean(xf, -1, keepdims=True)
-            var = jnp.mean(jnp.square(xf - mu), -1, keepdims=True)
-            bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
-            y = (xf - mu) * jax.lax.rsqrt(var + NORM_EPS) * scale.astype(acc) + bias.astype(acc)
-        else:
-            raise ValueError(f"Norm.kind must be one of {', '.join(NORMS)}; got {self.kind!r}")
-        return y.astype(x.dtype)
+    kw = {"epsilon": NORM_EPS, "dtype": DTYPES[c.dtype], "param_dtype": DTYPES[c.param_dtype]}
+    if c.norm == "rmsnorm":
+        return nn.RMSNorm(**kw, name=name)
+    if c.norm == "layernorm":
+        return nn.LayerNorm(**kw, use_fast_variance=False, name=name)
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {c.norm!r}")
 
 
 def validate_common(cfg: Any) -> None:
     """Checks every baseline config shares: sizes, dropout, norm and dtypes."""
-    _positive_int(cfg, "vocab_size", "dim", "num_layers")
-    _rate(cfg, "dropout")
-    _one_of(cfg, "norm", NORMS)
-    _one_of(cfg, "dtype", tuple(DTYPES))
-    _one_of(cfg, "param_dtype", tuple(DTYPES))
-    _require(isinstance(cfg.tie_embeddings, bool), cfg, "tie_embeddings", "a bool")
+    positive_int(cfg, "vocab_size", "dim", "num_layers")
+    rate(cfg, "dropout")
+    one_of(cfg, "norm", NORMS)
+    one_of(cfg, "dtype", tuple(DTYPES))
+    one_of(cfg, "param_dtype", tuple(DTYPES))
+    require(isinstance(cfg.tie_embeddings, bool), cfg, "tie_embeddings", "a bool")
 
 
 def output_logits(c: Any, embed: nn.Embed, x: Array, dtype: Dtype, param_dtype: Dtype) -> Array:
     """Final norm and LM head (tied to ``embed`` or its own ``lm_head``): ``[B, T, d]`` ->
     ``[B, T, V]``. Call from inside the model's compact ``__call__`` (names its submodules)."""
-    x = Norm(c.norm, param_dtype, name="final_norm")(x)
+    x = norm(c, name="final_norm")(x)
     if c.tie_embeddings:
         return embed.attend(x)
     return nn.Dense(

@@ -35,15 +35,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import _positive_int, _require
-from qpf.models.baseline_layers import DTYPES, Norm, normal_002, output_logits, validate_common
-from qpf.models.family import ModelFamily, Preset, State, register_family
-from qpf.models.qpf import ModelOutput
+from qpf.config import positive_int, require
+from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_logits, validate_common
+from qpf.models.contract import ModelOutput, State
+from qpf.models.family import ModelFamily, Preset, register_family
 from qpf.ops.scan import linear_scan
 
 Array = jax.Array
 
-DIAGRNN_SCAN_TYPES = ("sequential", "associative", "chunked")
+DIAGRNN_SCAN_TYPES = ("sequential", "associative", "chunked", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,7 @@ class DiagRNNConfig:
     """A stack of real diagonal linear recurrences.
 
     state_dim: recurrence width N; None means 2·dim (qpf's backbone ratio).
-    scan_type: 'sequential' | 'associative' | 'chunked' (see ``qpf.ops.scan``);
+    scan_type: 'sequential' | 'associative' | 'chunked' | 'auto' (see ``qpf.ops.scan``);
     chunk_size: chunk of the 'chunked' backend; unroll: lax.scan unroll of 'sequential'.
     lambda_min/lambda_max: range of the initial per-channel decay λ, 0 < min < max < 1.
     dtype: compute dtype of GEMMs; norms and the recurrence are float32.
@@ -75,30 +75,28 @@ class DiagRNNConfig:
 
     def __post_init__(self) -> None:
         validate_common(self)
-        _positive_int(self, "chunk_size", "unroll")
+        positive_int(self, "chunk_size", "unroll")
         if self.state_dim is not None:
-            _positive_int(self, "state_dim")
-        _require(
+            positive_int(self, "state_dim")
+        require(
             self.scan_type in DIAGRNN_SCAN_TYPES,
             self,
             "scan_type",
             f"one of {', '.join(DIAGRNN_SCAN_TYPES)}",
         )
-        _require(
+        require(
             isinstance(self.lambda_min, int | float) and self.lambda_min > 0.0,
             self,
             "lambda_min",
             "a float in (0, lambda_max)",
         )
-        _require(
+        require(
             isinstance(self.lambda_max, int | float) and self.lambda_min < self.lambda_max < 1.0,
             self,
             "lambda_max",
             f"a float in (lambda_min={self.lambda_min}, 1)",
         )
-        _require(
-            isinstance(self.layer_scale_init, int | float), self, "layer_scale_init", "a float"
-        )
+        require(isinstance(self.layer_scale_init, int | float), self, "layer_scale_init", "a float")
 
     @property
     def state_width(self) -> int:
@@ -194,7 +192,7 @@ class DiagRNN(nn.Module):
         x, finals = embed(inputs), []
         for i in range(c.num_layers):
             y, h_last = DiagRNNLayer(c, name=f"layers_{i}")(
-                Norm(c.norm, pdt, name=f"norms_{i}")(x), state["h"][i]
+                norm(c, name=f"norms_{i}")(x), state["h"][i]
             )
             y = drop(y, deterministic=deterministic)
             x = x + (scales[i].astype(dt) * y).astype(x.dtype)
@@ -232,12 +230,23 @@ def _preset(name: str) -> Preset:
 
 PRESETS: dict[str, Preset] = {name: _preset(name) for name in _TABLE}
 
+# Tiny, prime-ish shapes that compile in seconds: the family-generic tests build this one
+# (the chunked scan, so pieces that straddle chunk boundaries are exercised).
+TEST_PRESET = Preset(
+    name="test",
+    model=DiagRNNConfig(
+        vocab_size=259, dim=12, num_layers=2, state_dim=14, scan_type="chunked", chunk_size=5
+    ),
+    batch_size=4,
+    learning_rate=1e-2,
+)
+
 DIAGRNN_FAMILY = register_family(
     ModelFamily(
         name="diagrnn",
         config_cls=DiagRNNConfig,
         build=lambda config: DiagRNN(config=config),
         init_state=init_state,
-        presets=PRESETS,
+        presets={**PRESETS, "test": TEST_PRESET},
     )
 )

@@ -1,14 +1,8 @@
 """Model families: one registry entry per architecture, so trainer, sampler and CLIs are shared.
 
 A family bundles a frozen config dataclass, a constructor for its Flax module, its decoding
-state and its named presets. Every family's module has the same call contract::
-
-    out = module.apply(params, inputs [B, T] int, state=None | State, deterministic=True)
-    out.logits  [B, T, V]   (logits[t] scores token t+1)
-    out.state   the decoding state after the input (feed it back to continue)
-
-and returns a ``qpf.models.qpf.ModelOutput`` (``phase_states`` and ``coupling_loss`` are
-empty / zero for non-phase models, so the phase objectives contribute nothing).
+state and its named presets. Every family's module follows the call contract of
+``qpf.models.contract`` and returns its ``ModelOutput``.
 
 Models are named ``family:preset`` (``qpf:tiny``, ``transformer:small``); a bare preset
 name means the qpf family.
@@ -24,9 +18,13 @@ from typing import Any
 from flax import linen as nn
 
 from qpf.config import ConfigError
+from qpf.models.contract import State
 from qpf.registry import Registry
 
-State = dict[str, Any]
+# Properties every family has unless it declares an exemption (checked by tests/test_families.py):
+# causal logits, gradient to every parameter and used table row, decoding in pieces equal to
+# one pass, bfloat16 compute close to float32, exact resume of training, no future leak.
+PROPERTIES = ("causal", "gradients", "decode", "bf16", "resume", "no_leak")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +51,16 @@ class ModelFamily:
     build: config -> Flax module following the call contract above.
     init_state: (config, batch_size, max_len) -> zero decoding state at position 0;
       ``max_len`` bounds the positions a cache must hold (ignored by recurrent models).
-    presets: name -> Preset.
+    presets: name -> Preset. A preset named ``test`` (and ``test-*`` variants) is a tiny
+      config the family-generic tests (``tests/test_families.py``) build and check.
+    exempt: property -> reason, for each generic property (``PROPERTIES``) the family does
+      not have by design (e.g. ``{"decode": "no incremental decoding"}``); the generic test
+      of that property is then skipped with the reason. Nothing is exempt by default.
+    expected_leak: config -> reason the model sees future tokens by design ("" when it is
+      causal, the default). The generic leak test then asserts the leak is there.
+    piece_alignment: config -> A; a call with a state must start at a position that is a
+      multiple of A (1, the default: any split works). qpf's byte_patch mode has A = P,
+      the patch size; ``qpf.generation`` keeps a partial patch's bytes pending for it.
     """
 
     name: str
@@ -61,6 +68,18 @@ class ModelFamily:
     build: Callable[[Any], nn.Module]
     init_state: Callable[[Any, int, int], State]
     presets: Mapping[str, Preset]
+    exempt: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    expected_leak: Callable[[Any], str] = lambda config: ""
+    piece_alignment: Callable[[Any], int] = lambda config: 1
+
+    def __post_init__(self) -> None:
+        for prop, reason in self.exempt.items():
+            if prop not in PROPERTIES:
+                raise ConfigError(
+                    f"ModelFamily.exempt[{prop!r}] is invalid: allowed keys {', '.join(PROPERTIES)}"
+                )
+            if not isinstance(reason, str) or not reason.strip():
+                raise ConfigError(f"ModelFamily.exempt[{prop!r}] needs a reason (a non-empty str)")
 
     def preset(self, name: str) -> Preset:
         if name not in self.presets:
@@ -68,6 +87,10 @@ class ModelFamily:
                 f"unknown {self.name} preset {name!r}; choose one of {', '.join(self.presets)}"
             )
         return self.presets[name]
+
+    def test_presets(self) -> list[str]:
+        """Names of the presets built for tests (``test``, ``test-*``), in order."""
+        return [n for n in self.presets if n == "test" or n.startswith("test-")]
 
 
 MODELS: Registry[ModelFamily] = Registry("model family")
@@ -82,6 +105,12 @@ def _ensure_registered() -> None:
     # Importing the modules registers their families (qpf first, then the baselines).
     for module in ("qpf.presets", "qpf.models.transformer", "qpf.models.diagrnn"):
         importlib.import_module(module)
+
+
+def family_names() -> tuple[str, ...]:
+    """Names of every registered family, sorted."""
+    _ensure_registered()
+    return MODELS.names()
 
 
 def get_family(name: str) -> ModelFamily:

@@ -11,9 +11,6 @@ episodic regimes). With ``state=None`` the call is an ordinary full forward from
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -32,35 +29,11 @@ from qpf.layers.embeddings import (
 from qpf.layers.memory import EpisodicMemory
 from qpf.layers.memory import PhaseAssociativeMemory as _Memory  # noqa: F401  (registers)
 from qpf.layers.ssm import OscillatorySSM
+from qpf.models.contract import DTYPES, ModelOutput, State
 from qpf.ops import phase2d as p2d
 from qpf.registry import BACKBONES, BANKS, COUPLERS, MEMORIES
 
 Array = jax.Array
-State = dict[str, Any]
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-
-
-@flax.struct.dataclass
-class ModelOutput:
-    """What a forward pass returns.
-
-    logits: ``[B, T, V]``, logits[t] scores token t+1 (every input mode).
-    phase_states: the LM-head input ``[B, T', 2, d]`` (T' = complete patches in byte mode);
-      None for models without phase states (baselines).
-    coupling_loss: the original's coupling loss (0 with fewer than two banks).
-    state: the decoding state after this input (see ``init_state``).
-    prefix_logits / suffix_logits: affix heads ``[B, T, V_affix]`` (morphological mode).
-    intermediates: per-stage tensors when requested (parity checks, analysis).
-    """
-
-    logits: Array
-    phase_states: Array | None
-    coupling_loss: Array
-    state: State
-    prefix_logits: Array | None = None
-    suffix_logits: Array | None = None
-    intermediates: dict[str, Array] | None = None
 
 
 def init_state(config: cfgs.ModelConfig, batch_size: int) -> State:

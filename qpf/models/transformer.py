@@ -32,10 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import _one_of, _positive_int, _require
-from qpf.models.baseline_layers import DTYPES, Norm, normal_002, output_logits, validate_common
-from qpf.models.family import ModelFamily, Preset, State, register_family
-from qpf.models.qpf import ModelOutput
+from qpf.config import one_of, positive_int, require
+from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_logits, validate_common
+from qpf.models.contract import ModelOutput, State
+from qpf.models.family import ModelFamily, Preset, register_family
 
 Array = jax.Array
 
@@ -74,18 +74,18 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         validate_common(self)
-        _positive_int(self, "num_heads", "mlp_ratio", "max_len")
-        _one_of(self, "positions", POSITIONS)
-        _one_of(self, "attention_impl", ATTENTION_IMPLS)
-        _require(self.dim % self.num_heads == 0, self, "num_heads", f"a divisor of dim={self.dim}")
+        positive_int(self, "num_heads", "mlp_ratio", "max_len")
+        one_of(self, "positions", POSITIONS)
+        one_of(self, "attention_impl", ATTENTION_IMPLS)
+        require(self.dim % self.num_heads == 0, self, "num_heads", f"a divisor of dim={self.dim}")
         if self.positions == "rotary":
-            _require(
+            require(
                 (self.dim // self.num_heads) % 2 == 0,
                 self,
                 "num_heads",
                 f"such that dim/num_heads is even for rotary positions (dim={self.dim})",
             )
-        _require(
+        require(
             isinstance(self.rope_base, int | float) and self.rope_base > 1.0,
             self,
             "rope_base",
@@ -221,13 +221,10 @@ class Block(nn.Module):
         deterministic: bool,
     ) -> tuple[Array, tuple[Array, Array]]:
         c = self.cfg
-        pdt = DTYPES[c.param_dtype]
         drop = nn.Dropout(c.dropout)
-        a, kv = CausalSelfAttention(c, name="attn")(
-            Norm(c.norm, pdt, name="attn_norm")(x), positions, cache
-        )
+        a, kv = CausalSelfAttention(c, name="attn")(norm(c, name="attn_norm")(x), positions, cache)
         x = x + drop(a, deterministic=deterministic)
-        m = MLP(c, name="mlp")(Norm(c.norm, pdt, name="mlp_norm")(x))
+        m = MLP(c, name="mlp")(norm(c, name="mlp_norm")(x))
         return x + drop(m, deterministic=deterministic), kv
 
 
@@ -309,12 +306,20 @@ def _preset(name: str) -> Preset:
 
 PRESETS: dict[str, Preset] = {name: _preset(name) for name in _TABLE}
 
+# Tiny, prime-ish shapes that compile in seconds: the family-generic tests build this one.
+TEST_PRESET = Preset(
+    name="test",
+    model=TransformerConfig(vocab_size=259, dim=12, num_layers=2, num_heads=3, max_len=37),
+    batch_size=4,
+    learning_rate=1e-2,
+)
+
 TRANSFORMER_FAMILY = register_family(
     ModelFamily(
         name="transformer",
         config_cls=TransformerConfig,
         build=lambda config: Transformer(config=config),
         init_state=init_state,
-        presets=PRESETS,
+        presets={**PRESETS, "test": TEST_PRESET},
     )
 )

@@ -8,7 +8,12 @@ needs them, use a = 1 and b = 0 so they leave the state unchanged).
 ``oscillatory_scan`` is the single entry point the v4 SSM layer calls: it forms
 a_t = (1 - σ(g_t))·δ·R and b_t = σ(g_t)·Bx_t from the gate logits, damping and Cayley skew
 (spec §8.2) and runs the selected backend (``sequential``, ``associative``, ``chunked``,
-or ``pallas``, a fused kernel in ``kernels/``).
+``pallas``, a fused kernel, or ``auto``: chosen by platform).
+
+The Pallas kernel lives in the top-level ``kernels`` package, which depends on qpf and
+never the reverse: importing ``kernels`` registers it here (``register_scan_backend``).
+``auto`` resolves at trace time: ``pallas`` on GPU when registered, else ``chunked`` on
+accelerators and ``sequential`` on CPU.
 
 Complex values are Phase2D real pairs ``[B, T, 2, N]`` (see ``qpf.ops.phase2d``); a real
 recurrence ``[B, T, N]`` is the same code with ``complex_pairs=False``.
@@ -20,6 +25,7 @@ Backend guidance (measured on CPU in ``experiments/benchmark_scan.py``): ``seque
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import jax
@@ -28,8 +34,32 @@ import jax.numpy as jnp
 from qpf.ops import phase2d as p2d
 
 Array = jax.Array
-ScanType = Literal["sequential", "associative", "chunked", "pallas"]
+ScanType = Literal["sequential", "associative", "chunked", "pallas", "auto"]
 SCAN_TYPES: tuple[str, ...] = get_args(ScanType)
+
+# Fused oscillatory-scan kernels by name, filled by the packages that define them:
+# fn(gate_logits, bx, damping_logit, skew, h0) -> (h, h_last), as ``oscillatory_scan``.
+SCAN_BACKENDS: dict[str, Callable[..., tuple[Array, Array]]] = {}
+
+
+def register_scan_backend(name: str, fn: Callable[..., tuple[Array, Array]]) -> None:
+    """Make ``fn`` the oscillatory scan selected by ``scan_type=name`` (``kernels`` calls this)."""
+    SCAN_BACKENDS[name] = fn
+
+
+def resolve_scan_type(scan_type: str, platform: str | None = None, fused: bool = True) -> str:
+    """``auto`` -> the backend for ``platform`` (default: JAX's default backend).
+
+    fused: whether a registered fused kernel may be chosen (only ``oscillatory_scan`` has
+    one; ``linear_scan`` passes False).
+    """
+    if scan_type != "auto":
+        return scan_type
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return "sequential"
+    return "pallas" if fused and platform == "gpu" and "pallas" in SCAN_BACKENDS else "chunked"
+
 
 # A pair (re, im) of [B, T, N] arrays, or a single real [B, T, N] array in a 1-tuple.
 _Parts = tuple[Array, ...]
@@ -146,6 +176,7 @@ def linear_scan(
     Returns:
       (h ``[B, T, 2, N]`` in ``out_dtype``, h_last ``[B, 2, N]`` in the accumulation dtype).
     """
+    scan_type = resolve_scan_type(scan_type, fused=False)
     if scan_type not in ("sequential", "associative", "chunked"):
         raise ValueError(
             f"linear_scan: scan_type must be one of sequential, associative, chunked; got "
@@ -210,10 +241,13 @@ def oscillatory_scan(
     gate_logits ``[B, T, N]``, bx ``[B, T, 2, N]``, damping_logit/skew ``[N]``,
     h0 ``[B, 2, N]``. Returns (h ``[B, T, 2, N]``, h_last ``[B, 2, N]``).
     """
+    scan_type = resolve_scan_type(scan_type)
+    if scan_type in SCAN_BACKENDS:
+        return SCAN_BACKENDS[scan_type](gate_logits, bx, damping_logit, skew, h0)
     if scan_type == "pallas":
-        from kernels.oscillatory_scan import oscillatory_scan_pallas
-
-        return oscillatory_scan_pallas(gate_logits, bx, damping_logit, skew, h0)
+        raise ValueError(
+            "scan_type 'pallas' needs the kernels package: `import kernels` registers it"
+        )
     a, b = oscillatory_coefficients(gate_logits, bx, damping_logit, skew)
     return linear_scan(
         a, b, h0, scan_type=scan_type, chunk_size=chunk_size, unroll=unroll, out_dtype=bx.dtype

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qpf import config as cfgs
-from qpf.config import ConfigError
+from qpf.config import ConfigError, nonnegative_int, one_of, positive_int, require
 from qpf.data import DataConfig
 from qpf.models.family import ModelFamily, get_family, resolve_model
 from qpf.training.objectives import LossConfig
@@ -52,21 +52,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "keep_checkpoints", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"TrainConfig.{name} = {value!r} is invalid: allowed int >= 1")
-        for name in ("eval_every", "eval_batches", "save_every", "sample_tokens", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"TrainConfig.{name} = {value!r} is invalid: allowed int >= 0")
-        if self.nan_policy not in NAN_POLICIES:
-            raise ConfigError(
-                f"TrainConfig.nan_policy = {self.nan_policy!r} is invalid: allowed "
-                f"{', '.join(NAN_POLICIES)}"
-            )
-        if self.sample_temperature < 0:
-            raise ConfigError("TrainConfig.sample_temperature must be >= 0 (0 = greedy)")
+        positive_int(self, "steps", "keep_checkpoints", "log_every")
+        nonnegative_int(self, "eval_every", "eval_batches", "save_every", "sample_tokens", "seed")
+        one_of(self, "nan_policy", NAN_POLICIES)
+        require(self.sample_temperature >= 0, self, "sample_temperature", ">= 0 (0 = greedy)")
         if self.profile_steps:
             self.profile_range()
 
@@ -137,3 +126,41 @@ class RunConfig:
             for section, values in grouped.items()
         }
         return dataclasses.replace(self, **changes)
+
+
+def fit_model_to_tokenizer(model_config: Any, tokenizer: Any) -> Any:
+    """The model config with its vocabulary (and input mode) set by the tokenizer.
+
+    A morphological tokenizer switches a qpf model to morphological input with the
+    tokenizer's root/prefix/suffix vocabulary sizes; other tokenizers set ``vocab_size``.
+    """
+    changes: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
+    if hasattr(tokenizer, "prefix_vocab_size"):
+        if not hasattr(model_config, "morphology"):
+            raise ConfigError(
+                "the morphological tokenizer needs a qpf model (morphological input mode); "
+                "use --tokenizer byte or gpt2 for baselines"
+            )
+        changes["input_mode"] = "morphological"
+        changes["morphology"] = dataclasses.replace(
+            model_config.morphology,
+            root_vocab_size=tokenizer.vocab_size,
+            prefix_vocab_size=tokenizer.prefix_vocab_size,
+            suffix_vocab_size=tokenizer.suffix_vocab_size,
+        )
+    elif getattr(model_config, "input_mode", "token") == "byte_patch" and (
+        tokenizer.vocab_size != 259
+    ):
+        raise ConfigError(
+            "byte-patch presets (*-byte) read UTF-8 bytes: use --tokenizer byte "
+            f"(got a tokenizer with vocabulary {tokenizer.vocab_size})"
+        )
+    return dataclasses.replace(model_config, **changes)
+
+
+def peak_lr(run: RunConfig) -> float:
+    return (
+        run.optim.lr
+        if run.optim.lr is not None
+        else run.family.preset(run.model.rpartition(":")[2]).learning_rate
+    )

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import optax
 
-from qpf.config import ConfigError
+from qpf.config import nonnegative_int, positive_int, rate, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,37 +40,16 @@ class OptimConfig:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        checks = {
-            "lr": self.lr is None or self.lr > 0,
-            "warmup_steps": isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
-            "weight_decay": self.weight_decay >= 0,
-            "b1": 0 <= self.b1 < 1,
-            "b2": 0 <= self.b2 < 1,
-            "eps": self.eps > 0,
-            "clip_norm": self.clip_norm >= 0,
-            "grad_accum": isinstance(self.grad_accum, int) and self.grad_accum >= 1,
-            "decay_steps": self.decay_steps is None
-            or (isinstance(self.decay_steps, int) and self.decay_steps >= 1),
-        }
-        allowed = {
-            "lr": "> 0 or null",
-            "warmup_steps": "an int >= 0",
-            "min_lr_ratio": "in [0, 1]",
-            "weight_decay": ">= 0",
-            "b1": "in [0, 1)",
-            "b2": "in [0, 1)",
-            "eps": "> 0",
-            "clip_norm": ">= 0 (0 disables clipping)",
-            "grad_accum": "an int >= 1",
-            "decay_steps": "an int >= 1 or null",
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(
-                    f"OptimConfig.{name} = {getattr(self, name)!r} is invalid: "
-                    f"allowed {allowed[name]}"
-                )
+        require(self.lr is None or self.lr > 0, self, "lr", "> 0 or null")
+        nonnegative_int(self, "warmup_steps")
+        positive_int(self, "grad_accum")
+        require(0 <= self.min_lr_ratio <= 1, self, "min_lr_ratio", "in [0, 1]")
+        require(self.weight_decay >= 0, self, "weight_decay", ">= 0")
+        rate(self, "b1", "b2")
+        require(self.eps > 0, self, "eps", "> 0")
+        require(self.clip_norm >= 0, self, "clip_norm", ">= 0 (0 disables clipping)")
+        if self.decay_steps is not None:
+            positive_int(self, "decay_steps")
 
 
 def lr_schedule(cfg: OptimConfig, peak_lr: float, total_steps: int) -> optax.Schedule:

@@ -22,10 +22,9 @@ from flax import linen as nn
 from qpf.config import ConfigError
 from qpf.data.tokenizers import Tokenizer, get_tokenizer
 from qpf.training.checkpoint import CheckpointError, RunCheckpoints
-from qpf.training.config import RunConfig
+from qpf.training.config import RunConfig, fit_model_to_tokenizer, peak_lr
 from qpf.training.optim import make_optimizer
 from qpf.training.step import init_train_state
-from qpf.training.trainer import fit_model_to_tokenizer, peak_lr
 
 CHECKPOINT_CHOICES = ("latest", "best")
 

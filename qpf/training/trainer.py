@@ -24,7 +24,7 @@ from qpf.config import ConfigError
 from qpf.data import build_datasets
 from qpf.training import distributed as dist
 from qpf.training.checkpoint import RunCheckpoints, abstract_like
-from qpf.training.config import RunConfig
+from qpf.training.config import RunConfig, fit_model_to_tokenizer, peak_lr
 from qpf.training.metrics import MetricsLogger
 from qpf.training.optim import make_optimizer
 from qpf.training.step import TrainState, init_train_state, make_eval_step, make_train_step
@@ -45,44 +45,6 @@ class TrainResult:
     losses: list[tuple[int, float]]
     val: dict[str, float]
     params: Any
-
-
-def fit_model_to_tokenizer(model_config: Any, tokenizer: Any) -> Any:
-    """The model config with its vocabulary (and input mode) set by the tokenizer.
-
-    A morphological tokenizer switches a qpf model to morphological input with the
-    tokenizer's root/prefix/suffix vocabulary sizes; other tokenizers set ``vocab_size``.
-    """
-    changes: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
-    if hasattr(tokenizer, "prefix_vocab_size"):
-        if not hasattr(model_config, "morphology"):
-            raise ConfigError(
-                "the morphological tokenizer needs a qpf model (morphological input mode); "
-                "use --tokenizer byte or gpt2 for baselines"
-            )
-        changes["input_mode"] = "morphological"
-        changes["morphology"] = dataclasses.replace(
-            model_config.morphology,
-            root_vocab_size=tokenizer.vocab_size,
-            prefix_vocab_size=tokenizer.prefix_vocab_size,
-            suffix_vocab_size=tokenizer.suffix_vocab_size,
-        )
-    elif getattr(model_config, "input_mode", "token") == "byte_patch" and (
-        tokenizer.vocab_size != 259
-    ):
-        raise ConfigError(
-            "byte-patch presets (*-byte) read UTF-8 bytes: use --tokenizer byte "
-            f"(got a tokenizer with vocabulary {tokenizer.vocab_size})"
-        )
-    return dataclasses.replace(model_config, **changes)
-
-
-def peak_lr(run: RunConfig) -> float:
-    return (
-        run.optim.lr
-        if run.optim.lr is not None
-        else run.family.preset(run.model.rpartition(":")[2]).learning_rate
-    )
 
 
 class Trainer:

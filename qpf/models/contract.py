@@ -1,0 +1,57 @@
+"""The model contract every family follows: call signature, output, dtypes, decoding state.
+
+A family's Flax module is called as::
+
+    out = module.apply({"params": p}, inputs, state=None, deterministic=True,
+                       rngs={"dropout": key})
+
+inputs: int ``[B, T]`` token ids (``[B, T, 3]`` for qpf's morphological mode).
+state: None for an ordinary forward from position 0, or a decoding state (below).
+Returns a ``ModelOutput``; ``out.logits[:, t]`` scores token t+1.
+
+Decoding state: a pytree of arrays with at least ``"pos"`` (int32 scalar: tokens consumed).
+``family.init_state(config, batch, max_len)`` gives the zero state; feeding a sequence in
+pieces, each call getting the previous call's ``out.state``, gives the same logits as one
+pass (a family may require pieces to start at multiples of
+``ModelFamily.piece_alignment(config)``). ``max_len`` bounds what a cache must hold.
+
+Dtypes: configs name a compute ``dtype`` and a ``param_dtype`` from ``DTYPES``; parameters
+stay ``param_dtype`` (float32 by default), GEMMs run in ``dtype``, and scans, norms and
+softmaxes accumulate in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+State = dict[str, Any]
+
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    logits: ``[B, T, V]``, logits[t] scores token t+1 (every input mode).
+    phase_states: the LM-head input ``[B, T', 2, d]`` of phase models (T' = complete
+      patches in byte mode); None for models without phase states (baselines), so the
+      phase objectives contribute nothing.
+    coupling_loss: the bank coupling loss (0 for models without banks).
+    state: the decoding state after this input.
+    prefix_logits / suffix_logits: affix heads ``[B, T, V_affix]`` (morphological mode).
+    intermediates: per-stage tensors when requested (parity checks, analysis).
+    """
+
+    logits: Array
+    phase_states: Array | None
+    coupling_loss: Array
+    state: State
+    prefix_logits: Array | None = None
+    suffix_logits: Array | None = None
+    intermediates: dict[str, Array] | None = None
