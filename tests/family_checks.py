@@ -7,16 +7,67 @@ control can assert that a broken input is caught.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Apply = Callable[[jax.Array, Any], Any]  # (inputs, state) -> ModelOutput
+
+
+@functools.cache
+def _compiled(module: nn.Module) -> tuple[Callable, Apply]:
+    return jax.jit(module.init), jax.jit(lambda p, x, s: module.apply({"params": p}, x, s))
+
+
+def build(module: nn.Module, vocab: int, batch: int = 2, t: int = 13, seed: int = 0):
+    """(params, tokens ``[batch, t]``, jitted apply(params, inputs, state)) for ``module``.
+
+    The jitted functions are cached per module (Flax modules hash by their config), so
+    every test of one config shares one compilation.
+    """
+    init, apply = _compiled(module)
+    tokens = jax.random.randint(jax.random.key(seed), (batch, t), 0, vocab)
+    params = init(jax.random.key(seed + 1), tokens)["params"]
+    return params, tokens, apply
+
+
+def variant_failures(module: nn.Module, vocab: int, positions: Sequence[int]) -> list[str]:
+    """Causality and gradient-to-every-parameter/row failures of one config variant."""
+    params, tokens, run = build(module, vocab, batch=3)
+    failures = future_leaks(lambda x: run(params, x, None).logits, tokens[:1], vocab, positions)
+
+    def loss(p):
+        out = module.apply(
+            {"params": p}, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)}
+        )
+        return mean_ce_loss(out.logits, tokens)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    return failures + dead_gradients(grads, tokens[:, :-1], vocab)
+
+
+def preset_count_failures(family: Any, presets: Any, rel: float = 0.10) -> list[str]:
+    """Presets of ``family`` whose parameter count is not within ``rel`` of the qpf preset
+    of the same name, or whose default tokenizer does not follow the ``-byte`` suffix."""
+    from qpf.models.param_count import family_param_count, parameter_report
+    from qpf.presets import get_preset
+
+    failures = []
+    for name, preset in presets.items():
+        count = family_param_count(family, preset.model)
+        ref = parameter_report(get_preset(name).model)["total"]
+        if abs(count / ref - 1) >= rel:
+            failures.append(f"{family.name}:{name} has {count:,} parameters, qpf:{name} {ref:,}")
+        if preset.tokenizer != ("byte" if name.endswith("-byte") else "gpt2"):
+            failures.append(f"{family.name}:{name} default tokenizer {preset.tokenizer}")
+    return failures
 
 
 def perturb_params(params: Any, seed: int = 0, scale: float = 0.5) -> Any:

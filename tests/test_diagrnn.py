@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
+import family_checks as checks
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from family_checks import dead_gradients, future_leaks, mean_ce_loss, mismatch, piecewise_logits
+from family_checks import mismatch, piecewise_logits
 
 from qpf import config as cfgs
 from qpf.models.diagrnn import (
@@ -21,8 +20,6 @@ from qpf.models.diagrnn import (
     init_state,
 )
 from qpf.models.family import resolve_model
-from qpf.models.param_count import family_param_count, parameter_report
-from qpf.presets import get_preset
 
 
 def small_config(**kw) -> DiagRNNConfig:
@@ -31,17 +28,8 @@ def small_config(**kw) -> DiagRNNConfig:
     return DiagRNNConfig(**base)
 
 
-@functools.cache
-def compiled(config: DiagRNNConfig):
-    """Jitted (init, apply(params, inputs, state)), shared by every test of one config."""
-    model = DiagRNN(config)
-    return jax.jit(model.init), jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))
-
-
-def build(config: DiagRNNConfig, batch: int = 2, t: int = 13, seed: int = 0):
-    init, apply = compiled(config)
-    tokens = jax.random.randint(jax.random.key(seed), (batch, t), 0, config.vocab_size)
-    params = init(jax.random.key(seed + 1), tokens)["params"]
+def build(config, batch: int = 2, t: int = 13, seed: int = 0):
+    params, tokens, apply = checks.build(DiagRNN(config), config.vocab_size, batch, t, seed)
     return DiagRNN(config), params, tokens, apply
 
 
@@ -53,17 +41,7 @@ VARIANT = {"tie_embeddings": False, "norm": "layernorm", "state_dim": None, "dro
 
 def test_variant_is_causal_and_trains_every_parameter_and_table_row():
     config = small_config(**VARIANT)
-    model, params, tokens, run = build(config, batch=3)
-    failures = future_leaks(lambda x: run(params, x, None).logits, tokens[:1], 29, (0, 6, 11))
-
-    def loss(p):
-        out = model.apply(
-            {"params": p}, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)}
-        )
-        return mean_ce_loss(out.logits, tokens)
-
-    grads = jax.jit(jax.grad(loss))(params)
-    failures += dead_gradients(grads, tokens[:, :-1], config.vocab_size)
+    failures = checks.variant_failures(DiagRNN(config), config.vocab_size, (0, 6, 11))
     assert not failures, "\n".join(failures)
 
 
@@ -137,16 +115,10 @@ def test_bfloat16_compute_keeps_the_recurrent_state_float32():
     assert out.state["h"].dtype == jnp.float32
 
 
-@functools.cache
-def qpf_count(name: str) -> int:
-    return parameter_report(get_preset(name).model)["total"]
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))  # the spec-sized presets (not "test")
-def test_preset_parameter_counts_match_qpf_within_ten_percent(name):
-    count = family_param_count(DIAGRNN_FAMILY, PRESETS[name].model)
-    assert abs(count / qpf_count(name) - 1) < 0.10, (name, count, qpf_count(name))
-    assert PRESETS[name].model.state_width == 2 * PRESETS[name].model.dim
+def test_spec_presets_match_qpf_parameter_counts_within_ten_percent():
+    failures = checks.preset_count_failures(DIAGRNN_FAMILY, PRESETS)  # not "test"
+    assert not failures, "\n".join(failures)
+    assert all(p.model.state_width == 2 * p.model.dim for p in PRESETS.values())
 
 
 def test_registered_family_and_config_round_trip():

@@ -115,6 +115,9 @@ def test_two_pieces_with_carried_state_equal_one_pass(backend, kw):
     b, b_last = osc(gate[:, 11:], bx[:, 11:], damping, skew, a_last, scan_type=backend, **kw)
     np.testing.assert_allclose(jnp.concatenate([a, b], 1), full, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(b_last, full_last, rtol=1e-5, atol=1e-5)
+    # Negative control: the second piece restarted from h0 instead of the carried state.
+    dropped, _ = osc(gate[:, 11:], bx[:, 11:], damping, skew, h0, scan_type=backend, **kw)
+    assert not np.allclose(dropped, full[:, 11:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("t", [7, 8, 9, 10, 17, 24])
@@ -180,3 +183,25 @@ def test_qpf_does_not_import_the_kernels_package():
     code = "import sys, qpf.models.family as f; f.family_names(); print('kernels' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_scan_and_parity_subset_passes_at_the_default_xla_optimisation_level():
+    """The suite runs at --xla_backend_optimization_level=0 (conftest) for compile speed;
+    this reruns the scan backends and the float32 golden parity with XLA's defaults, as
+    users run the code, so their tolerances are validated there too."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(repo)}
+    subset = [
+        "tests/test_scan.py::test_backends_match_sequential_forward_float32",
+        "tests/test_scan.py::test_two_pieces_with_carried_state_equal_one_pass",
+        "tests/test_torch_weights.py::test_v4_golden_parity_float32_end_to_end",
+    ]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *subset]
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

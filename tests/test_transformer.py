@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-
+import family_checks as checks
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from family_checks import dead_gradients, future_leaks, mean_ce_loss, mismatch, piecewise_logits
+from family_checks import mismatch, piecewise_logits
 
 from qpf import config as cfgs
 from qpf.models.baseline_layers import norm
 from qpf.models.family import resolve_model
-from qpf.models.param_count import family_param_count, parameter_report
 from qpf.models.transformer import (
     PRESETS,
     TRANSFORMER_FAMILY,
@@ -22,7 +20,6 @@ from qpf.models.transformer import (
     TransformerConfig,
     init_state,
 )
-from qpf.presets import get_preset
 
 
 def small_config(**kw) -> TransformerConfig:
@@ -31,17 +28,8 @@ def small_config(**kw) -> TransformerConfig:
     return TransformerConfig(**base)
 
 
-@functools.cache
-def compiled(config: TransformerConfig):
-    """Jitted (init, apply(params, inputs, state)), shared by every test of one config."""
-    model = Transformer(config)
-    return jax.jit(model.init), jax.jit(lambda p, x, s: model.apply({"params": p}, x, s))
-
-
-def build(config: TransformerConfig, batch: int = 2, t: int = 13, seed: int = 0):
-    init, apply = compiled(config)
-    tokens = jax.random.randint(jax.random.key(seed), (batch, t), 0, config.vocab_size)
-    params = init(jax.random.key(seed + 1), tokens)["params"]
+def build(config, batch: int = 2, t: int = 13, seed: int = 0):
+    params, tokens, apply = checks.build(Transformer(config), config.vocab_size, batch, t, seed)
     return Transformer(config), params, tokens, apply
 
 
@@ -53,17 +41,7 @@ VARIANT = {"positions": "learned", "norm": "layernorm", "tie_embeddings": False,
 
 def test_variant_is_causal_and_trains_every_parameter_and_table_row():
     config = small_config(**VARIANT)
-    model, params, tokens, run = build(config, batch=3)
-    failures = future_leaks(lambda x: run(params, x, None).logits, tokens[:1], 31, (0, 5, 11))
-
-    def loss(p):
-        out = model.apply(
-            {"params": p}, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)}
-        )
-        return mean_ce_loss(out.logits, tokens)
-
-    grads = jax.jit(jax.grad(loss))(params)
-    failures += dead_gradients(grads, tokens[:, :-1], config.vocab_size)
+    failures = checks.variant_failures(Transformer(config), config.vocab_size, (0, 5, 11))
     assert not failures, "\n".join(failures)
 
 
@@ -134,16 +112,9 @@ def test_attention_matches_numpy_causal_softmax_reference(positions):
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-6)
 
 
-@functools.cache
-def qpf_count(name: str) -> int:
-    return parameter_report(get_preset(name).model)["total"]
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))  # the spec-sized presets (not "test")
-def test_preset_parameter_counts_match_qpf_within_ten_percent(name):
-    count = family_param_count(TRANSFORMER_FAMILY, PRESETS[name].model)
-    assert abs(count / qpf_count(name) - 1) < 0.10, (name, count, qpf_count(name))
-    assert PRESETS[name].tokenizer == ("byte" if name.endswith("-byte") else "gpt2")
+def test_spec_presets_match_qpf_parameter_counts_within_ten_percent():
+    failures = checks.preset_count_failures(TRANSFORMER_FAMILY, PRESETS)  # not "test"
+    assert not failures, "\n".join(failures)
 
 
 def test_registered_family_and_config_round_trip():
