@@ -66,6 +66,11 @@ def one_of(obj: Any, field: str, choices: tuple[str, ...]) -> None:
     require(getattr(obj, field) in choices, obj, field, f"one of {', '.join(choices)}")
 
 
+# Precision of float32 matrix products (``jax.default_matmul_precision``): 'default' is the
+# platform's (TF32 on recent NVIDIA GPUs), 'float32' / 'highest' full float32, 'tensorfloat32'
+# / 'high' and 'bfloat16' faster and coarser. Every model config has a ``matmul_precision``.
+MATMUL_PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16", "highest", "high")
+
 # The former private names, for code written against them (new families on other branches).
 _require, _positive_int, _rate, _one_of = require, positive_int, rate, one_of
 
@@ -301,6 +306,7 @@ class ModelConfig:
     memory / episodic: None disables the component.
     dtype: compute dtype of GEMMs (parameters stay ``param_dtype``); norms, softmaxes and
       the scan accumulate in float32.
+    matmul_precision: precision of float32 matrix products (``MATMUL_PRECISIONS``).
     """
 
     vocab_size: int = 50257
@@ -315,12 +321,14 @@ class ModelConfig:
     morphology: MorphologyEmbedConfig = MorphologyEmbedConfig()
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
         positive_int(self, "vocab_size", "dim")
         one_of(self, "input_mode", INPUT_MODES)
         one_of(self, "dtype", DTYPES)
         one_of(self, "param_dtype", DTYPES)
+        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
         require(isinstance(self.banks, tuple), self, "banks", "a tuple of bank configs")
         names = [b.type for b in self.banks]
         require(len(set(names)) == len(names), self, "banks", "distinct bank types")

@@ -41,6 +41,7 @@ from family_checks import (
 )
 
 from experiments import train as train_cli
+from qpf.config import ConfigError
 from qpf.models.family import ModelFamily, family_names, get_family, resolve_model
 from qpf.models.qpf import ModelOutput
 from qpf.training.metrics import read_metrics
@@ -178,6 +179,25 @@ def test_bfloat16_compute_is_close_to_float32_relative_to_the_logit_spread(spec)
     # loss (one rounding of 2^-8 relative on values of the logits' size alone is ~0.01).
     assert err.max() < 0.1 * scale, (err.max(), scale)
     assert err.mean() < 0.02 * scale, (err.mean(), scale)
+
+
+@pytest.mark.parametrize("spec", CASES)
+def test_matmul_precision_option_reaches_every_matrix_product(spec):
+    b = built(spec)
+    if not any(f.name == "matmul_precision" for f in dataclasses.fields(b.config)):
+        pytest.skip(f"{spec}: the config has no matmul_precision field (qpf.models.contract)")
+
+    def dots(precision: str) -> list[str]:
+        module = b.family.build(dataclasses.replace(b.config, matmul_precision=precision))
+        text = jax.jit(lambda p, x: module.apply({"params": p}, x).logits).lower(b.params, b.tokens)
+        return [line for line in text.as_text().splitlines() if "dot_general" in line]
+
+    pinned, default = dots("float32"), dots("default")
+    assert pinned, "no matrix product found"
+    assert all("HIGHEST" in line for line in pinned)
+    assert not any("HIGHEST" in line for line in default)
+    with pytest.raises(ConfigError, match="matmul_precision"):
+        dataclasses.replace(b.config, matmul_precision="fp8")
 
 
 # ------------------------------------------------------------------- trainer resume

@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from qpf.config import one_of, positive_int, rate, require
+from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, rate, require
 from qpf.models.contract import DTYPES
 
 Array = jax.Array
@@ -47,6 +47,7 @@ def validate_common(cfg: Any) -> None:
     one_of(cfg, "norm", NORMS)
     one_of(cfg, "dtype", tuple(DTYPES))
     one_of(cfg, "param_dtype", tuple(DTYPES))
+    one_of(cfg, "matmul_precision", MATMUL_PRECISIONS)
     require(isinstance(cfg.tie_embeddings, bool), cfg, "tie_embeddings", "a bool")
 
 

@@ -17,11 +17,17 @@ pass (a family may require pieces to start at multiples of
 
 Dtypes: configs name a compute ``dtype`` and a ``param_dtype`` from ``DTYPES``; parameters
 stay ``param_dtype`` (float32 by default), GEMMs run in ``dtype``, and scans, norms and
-softmaxes accumulate in float32 whatever the compute dtype.
+softmaxes accumulate in float32 whatever the compute dtype. A config's
+``matmul_precision`` (``qpf.config.MATMUL_PRECISIONS``) sets the precision of float32
+matrix products inside the model (GPUs default to TF32 for them): decorate the module's
+``__call__`` with ``applies_matmul_precision``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -55,3 +61,21 @@ class ModelOutput:
     prefix_logits: Array | None = None
     suffix_logits: Array | None = None
     intermediates: dict[str, Array] | None = None
+
+
+def matmul_precision(config: Any) -> contextlib.AbstractContextManager:
+    """The context that applies ``config.matmul_precision`` (none for 'default' or absent)."""
+    name = getattr(config, "matmul_precision", "default")
+    return contextlib.nullcontext() if name == "default" else jax.default_matmul_precision(name)
+
+
+def applies_matmul_precision(call: Callable) -> Callable:
+    """Decorate a module's ``__call__`` so its traced matrix products use the precision of
+    ``self.config`` (the setting is read at trace time, so it holds under jit)."""
+
+    @functools.wraps(call)
+    def wrapped(self, *args, **kwargs):
+        with matmul_precision(self.config):
+            return call(self, *args, **kwargs)
+
+    return wrapped

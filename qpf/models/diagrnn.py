@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from qpf.config import positive_int, require
 from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_logits, validate_common
-from qpf.models.contract import ModelOutput, State
+from qpf.models.contract import ModelOutput, State, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, register_family
 from qpf.ops.scan import linear_scan
 
@@ -72,6 +72,7 @@ class DiagRNNConfig:
     unroll: int = 1
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
         validate_common(self)
@@ -175,6 +176,7 @@ class DiagRNN(nn.Module):
     config: DiagRNNConfig
 
     @nn.compact
+    @applies_matmul_precision
     def __call__(
         self, inputs: Array, state: State | None = None, *, deterministic: bool = True
     ) -> ModelOutput:

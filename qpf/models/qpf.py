@@ -29,7 +29,7 @@ from qpf.layers.embeddings import (
 from qpf.layers.memory import EpisodicMemory
 from qpf.layers.memory import PhaseAssociativeMemory as _Memory  # noqa: F401  (registers)
 from qpf.layers.ssm import OscillatorySSM
-from qpf.models.contract import DTYPES, ModelOutput, State
+from qpf.models.contract import DTYPES, ModelOutput, State, applies_matmul_precision
 from qpf.ops import phase2d as p2d
 from qpf.registry import BACKBONES, BANKS, COUPLERS, MEMORIES
 
@@ -114,6 +114,7 @@ class QPFModel(nn.Module):
 
     # ------------------------------------------------------------------ entry point
 
+    @applies_matmul_precision
     def __call__(
         self,
         inputs: Array,

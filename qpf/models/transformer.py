@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from qpf.config import one_of, positive_int, require
 from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_logits, validate_common
-from qpf.models.contract import ModelOutput, State
+from qpf.models.contract import ModelOutput, State, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, register_family
 
 Array = jax.Array
@@ -71,6 +71,7 @@ class TransformerConfig:
     attention_impl: str = "xla"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
         validate_common(self)
@@ -234,6 +235,7 @@ class Transformer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
+    @applies_matmul_precision
     def __call__(
         self, inputs: Array, state: State | None = None, *, deterministic: bool = True
     ) -> ModelOutput:
