@@ -50,10 +50,11 @@ class OscillatorySSMLayer(PhaseModule):
             unroll=c.unroll,
         )
         y = self.linear(d, "C")(h.astype(x.dtype)) + self.linear(d, "D")(x)
-        rng = self.dropout_rng(deterministic, c.dropout)
-        if rng is not None:
-            keep = jax.random.bernoulli(rng, 1.0 - c.dropout, (*y.shape[:-2], 1, d))
-            y = jnp.where(keep, y / (1.0 - c.dropout), 0.0).astype(y.dtype)
+        # Phase-preserving dropout: one mask per complex channel, shared by the real and
+        # imaginary planes (axis -2), so a kept value keeps its phase.
+        y = nn.Dropout(c.dropout, broadcast_dims=(y.ndim - 2,), name="dropout")(
+            y, deterministic=deterministic
+        )
         return y, h_last
 
 
