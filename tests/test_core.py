@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import load_fixture
 
-from qpf.layers.core import IotaBlock, Phase2DEmbed, Phase2DLinear
+from qpf.layers.core import CayleyRotation, Phase2DEmbed, Phase2DLinear
 from qpf.ops import phase2d as p2d
 
 
@@ -37,7 +37,7 @@ def test_init_matches_the_original_effective_init():
 def test_parity_iota_block_fixture():
     z = load_fixture("iota_block.npz")
     x = p2d.from_torch_layout(jnp.asarray(z["input"]))
-    y = IotaBlock().apply({"params": {"skew": z["param/skew_params"]}}, x)
+    y = CayleyRotation().apply({"params": {"skew": z["param/skew_params"]}}, x)
     np.testing.assert_allclose(p2d.to_torch_layout(y), z["output"], rtol=1e-4, atol=1e-5)
     c, s = p2d.cayley(jnp.asarray(z["param/skew_params"]))
     np.testing.assert_allclose(c, z["cos"], rtol=1e-6, atol=1e-7)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qpf import config as cfgs
-from qpf.layers.core import IotaBlock, PhaseModule, complex_table
+from qpf.layers.core import CayleyRotation, PhaseModule, complex_table
 from qpf.ops import norms
 from qpf.ops import phase2d as p2d
 from qpf.registry import BANKS
@@ -187,7 +187,9 @@ class MorphologyBank(_Bank):
         h = x + (RESIDUAL * prototype_mix(attn, table)).astype(x.dtype)
         for i in range(self.cfg.num_layers):
             u = self.norm(f"transform_layers_{i}_norm")(h)
-            u = IotaBlock(param_dtype=self.param_dtype, name=f"transform_layers_{i}_rotation")(u)
+            u = CayleyRotation(param_dtype=self.param_dtype, name=f"transform_layers_{i}_rotation")(
+                u
+            )
             u = norms.split_gelu(self.linear(d, f"transform_layers_{i}_linear")(u))
             # Applied in evaluation too in the original (there it is u·(1 + Re u)).
             u = norms.real_part_dropout(u, self.cfg.dropout, self._rng(deterministic))

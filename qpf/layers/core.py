@@ -89,8 +89,11 @@ class Phase2DLayerNorm(nn.Module):
         return norms.phase_layer_norm(x, scale, self.eps)
 
 
-class IotaBlock(nn.Module):
-    """Per-dimension Cayley rotation x ⊙ (c + i s) from a free skew parameter. ``[..., 2, d]``."""
+class CayleyRotation(nn.Module):
+    """Per-dimension Cayley rotation x ⊙ (c + i s) from a free skew parameter. ``[..., 2, d]``.
+
+    The original calls it ``IotaBlock``.
+    """
 
     param_dtype: Dtype = jnp.float32
 
@@ -99,6 +102,9 @@ class IotaBlock(nn.Module):
         skew = self.param("skew", scaled_normal(0.01), (x.shape[-1],), self.param_dtype)
         c, s = p2d.cayley(skew.astype(p2d.acc_dtype(x.dtype)))
         return p2d.rotate(x, c, s).astype(x.dtype)
+
+
+IotaBlock = CayleyRotation  # the original's name, for readers of the spec
 
 
 class Phase2DEmbed(nn.Module):
