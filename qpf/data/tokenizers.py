@@ -12,7 +12,6 @@ denominator of bits-per-byte, comparable across tokenizers.
 
 from __future__ import annotations
 
-import base64
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,16 +45,6 @@ class Tokenizer(Protocol):
 # ----------------------------------------------------------------------------- GPT-2
 
 
-def _load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
-    """Parse a ``.tiktoken`` file: one ``base64(token) rank`` pair per line."""
-    ranks: dict[bytes, int] = {}
-    for line in path.read_bytes().splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
 class GPT2Tokenizer:
     """GPT-2 BPE through tiktoken: vocab 50257, eos = pad = bos = 50256 (``<|endoftext|>``).
 
@@ -73,13 +62,14 @@ class GPT2Tokenizer:
 
     def __init__(self, data_dir: str | os.PathLike | None = None) -> None:
         import tiktoken
+        import tiktoken.load
 
         ranks_file = Path(data_dir) / "gpt2" / "gpt2.tiktoken" if data_dir else None
         if ranks_file is not None and ranks_file.is_file():
             self._enc = tiktoken.Encoding(
                 name="gpt2",
                 pat_str=GPT2_PAT_STR,
-                mergeable_ranks=_load_tiktoken_ranks(ranks_file),
+                mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(ranks_file)),
                 special_tokens={GPT2_EOT: GPT2_EOT_ID},
                 explicit_n_vocab=self.vocab_size,
             )
