@@ -148,7 +148,7 @@ class QPFModel(nn.Module):
             x = self.embed(inputs[..., 0], inputs[..., 1], inputs[..., 2])
         else:
             x = self.embed(inputs)
-        h, new_state, coupling = self.core(
+        h, new_state, coupling = self.phase_trunk(
             x, state, fresh, deterministic=deterministic, language_ids=language_ids, inter=inter
         )
         new_state["pos"] = state["pos"] + inputs.shape[1]
@@ -164,9 +164,9 @@ class QPFModel(nn.Module):
             out = out.replace(prefix_logits=self.prefix_head(u), suffix_logits=self.suffix_head(u))
         return out
 
-    # ---------------------------------------------------------------- shared core
+    # ---------------------------------------------------------------- shared trunk
 
-    def core(
+    def phase_trunk(
         self,
         x: Array,
         state: State,
@@ -176,7 +176,9 @@ class QPFModel(nn.Module):
         language_ids: Array | None,
         inter: dict[str, Array],
     ) -> tuple[Array, State, Array]:
-        """banks -> coupler -> backbone -> memories on ``x [B, T, 2, d]``.
+        """banks -> coupler -> backbone -> memories on ``x [B, T, 2, d]`` (formerly ``core``).
+
+        The part shared by every input mode, between the embedding and the LM head.
 
         Returns (phase states ``[B, T, 2, d]``, new state without 'pos', coupling loss).
         """
@@ -215,15 +217,15 @@ class QPFModel(nn.Module):
         if c.episodic is not None:
             inter["episodic_input"] = h
             values, new_state["episodic"] = self.episodic(
-                h, None if fresh else state["episodic"], self._core_pos(state)
+                h, None if fresh else state["episodic"], self._trunk_pos(state)
             )
             inter["episodic_values"] = values
             h = h + (c.episodic.weight * values).astype(h.dtype)
         inter["phase_states"] = h
         return h, new_state, coupling
 
-    def _core_pos(self, state: State) -> Array:
-        """Position of the core's first step: tokens, or patches in byte_patch mode."""
+    def _trunk_pos(self, state: State) -> Array:
+        """Position of the trunk's first step: tokens, or patches in byte_patch mode."""
         if self.config.input_mode == "byte_patch":
             return state["pos"] // self.config.byte_patch.patch_size
         return state["pos"]
@@ -233,7 +235,7 @@ class QPFModel(nn.Module):
     def _byte_forward(self, ids, state, fresh, deterministic, language_ids, return_inter):
         """Causal byte-patch forward from a patch-aligned position n = state['pos'].
 
-        Complete patches of this chunk go through the core; target byte j (logits[j-1])
+        Complete patches of this chunk go through the trunk; target byte j (logits[j-1])
         is decoded from the context of the patches before j's patch and bytes < j.
         """
         p = self.config.byte_patch.patch_size
@@ -244,7 +246,7 @@ class QPFModel(nn.Module):
         prev_context = jnp.where(state["pos"] == 0, start, state["byte"]["context"])
         if n_complete > 0:
             x = self.patcher(ids[:, : n_complete * p])
-            h, new_state, coupling = self.core(
+            h, new_state, coupling = self.phase_trunk(
                 x,
                 state,
                 fresh,
@@ -252,7 +254,7 @@ class QPFModel(nn.Module):
                 language_ids=language_ids,
                 inter=inter,
             )
-        else:  # no patch completes: the core's state is unchanged
+        else:  # no patch completes: the trunk's state is unchanged
             h = jnp.zeros((b, 0, 2, self.config.dim), prev_context.dtype)
             new_state = {k: v for k, v in state.items() if k not in ("pos", "byte")}
             coupling = jnp.zeros((), p2d.acc_dtype(h.dtype))
