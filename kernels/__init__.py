@@ -10,8 +10,13 @@ from kernels.oscillatory_scan import oscillatory_scan_pallas
 from kernels.reference import oscillatory_scan_reference
 from qpf.ops.scan import register_scan_backend
 
-# The one link between the packages: qpf's scan dispatcher serves scan_type='pallas' (and
-# 'auto' on GPU) from this registration; qpf itself never imports kernels.
-register_scan_backend("pallas", oscillatory_scan_pallas)
 
-__all__ = ["oscillatory_scan_pallas", "oscillatory_scan_reference"]
+def register_backends() -> None:
+    """Register the kernels with qpf's scan dispatcher (``scan_type='pallas'``, and 'auto'
+    on GPU). The one link between the packages: qpf itself never imports ``kernels``."""
+    register_scan_backend("pallas", oscillatory_scan_pallas)
+
+
+register_backends()
+
+__all__ = ["oscillatory_scan_pallas", "oscillatory_scan_reference", "register_backends"]
