@@ -52,10 +52,12 @@ def test_loss_matches_objectives_and_accumulation_matches_one_batch():
     terms = objective_terms(out, batch["tokens"], batch["mask"], ce_only)
     np.testing.assert_allclose(float(m1["loss"]), float(total_loss(terms, ce_only)), 1e-5)
     np.testing.assert_allclose(float(m1["ce"]), float(m2["ce"]), rtol=1e-5)
-    np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-3)
+    # SGD makes the update linear in the gradient, so accumulation is exact up to the
+    # float32 summation order of the micro-batch gradients (~1e-7 relative).
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
     assert int(m1["tokens"]) == 4 * 6 - 2
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     assert int(s1.step) == 1
 
 
