@@ -10,18 +10,23 @@ original definitions are kept under ``faithful=True`` so those constants can be 
 Inputs use qpf's planar Phase2D layout ``[..., 2, d]`` (real plane, imaginary plane).
 Everything is computed in float32 whatever the compute dtype.
 
-* Manas (state of the SSM): ``magnitude`` mean |h|; ``activity`` fraction of |h| > 0.1;
+* Manas (state of the SSM): ``magnitude`` mean |h|; ``activity`` fraction of elements
+  with |h| above a tenth of the largest (the original's absolute |h| > 0.1 is 0 for any
+  model whose states are small);
   ``entropy`` of the energy distribution p = |h|²/Σ|h|² normalised by log(element count)
   (1 = energy spread evenly over every state element, 0 = all in one).
 * Buddhi (the output distribution): ``confidence`` mean max probability, ``margin`` mean
   top-1 minus top-2 logit, ``entropy`` mean predictive entropy over log V; token-weighted.
 * Viveka (the phase banks): ``coherence`` mean resultant length of the phases of each bank
   state (1 = all channels share one phase, ≈ 1/√d for random phases); ``energy`` mean |z|²;
-  ``stability`` 1 / (1 + mean squared change of the banks' mean state since the previous
-  train step), the previous summary carried in the train state.
+  ``stability`` 1 / (1 + relative squared change of the banks' mean state since the
+  previous train step, ‖s − s'‖² / ‖s'‖²), the previous summary carried in the train state.
 * Smriti (the global memory's top-k read): ``sharpness`` 1 − H(w)/log k of the read
-  weights; ``hit_rate`` fraction of positions where one selected slot gets more than twice
-  the uniform share 1/k (the original's 2/M rule on the slots actually read);
+  weights; ``hit_rate`` fraction of positions whose best slot stands out from the other
+  selected slots: its score exceeds their mean by more than two standard deviations of
+  their scores (scores are the log-weights up to a constant; the original's rule, a
+  weight above twice the uniform share, is never met by a temperature-free softmax over
+  cosines, so it would stay 0);
   ``coverage`` fraction of all slots read by at least one position of the batch.
 """
 
@@ -67,7 +72,8 @@ def manas(states: Array, *, faithful: bool = False) -> Scalars:
     faithful: the original's entropy min(H(softmax(m))/10, 1) over all flattened m.
     """
     m = _modulus(states).reshape(-1)
-    out = {"magnitude": jnp.mean(m), "activity": jnp.mean(_f32(m > ACTIVITY_THRESHOLD))}
+    threshold = ACTIVITY_THRESHOLD if faithful else 0.1 * jnp.max(m)
+    out = {"magnitude": jnp.mean(m), "activity": jnp.mean(_f32(m > threshold))}
     if faithful:
         p = jax.nn.softmax(m)
         out["entropy"] = jnp.minimum(-jnp.sum(p * jnp.log(p + _EPS)) / 10.0, 1.0)
@@ -173,7 +179,8 @@ def viveka(
     if prev_summary is None:
         stability = jnp.ones((), jnp.float32)
     else:
-        change = jnp.mean((bank_summary(banks, mask) - _f32(prev_summary)) ** 2)
+        prev = _f32(prev_summary)
+        change = jnp.sum((bank_summary(banks, mask) - prev) ** 2) / (jnp.sum(prev**2) + _EPS)
         stability = 1.0 / (1.0 + change)
     return {"coherence": coherence, "energy": energy, "stability": stability}
 
@@ -205,7 +212,7 @@ def smriti(
     k = w.shape[-1]
     entropy = -jnp.sum(jnp.where(w > 0, w * jnp.log(jnp.where(w > 0, w, 1.0)), 0.0), axis=-1)
     sharpness = 1.0 - entropy / math.log(k) if k > 1 else jnp.ones_like(entropy)
-    hit = _f32(jnp.any(w > 2.0 / k, axis=-1))
+    hit = _standout(w) if k > 2 else _f32(jnp.any(w > 2.0 / k, axis=-1))
     valid = jnp.ones(indices.shape[:-1], bool) if mask is None else mask.astype(bool)
     read = jnp.where(valid[..., None], indices, num_slots).reshape(-1)
     used = jnp.zeros((num_slots + 1,), jnp.float32).at[read].max(1.0)[:num_slots]
@@ -214,6 +221,16 @@ def smriti(
         "hit_rate": _weighted_mean(hit, mask),
         "coverage": jnp.mean(used),
     }
+
+
+def _standout(w: Array) -> Array:
+    """1 where the best of the k read weights ``[..., k]`` is a > 2σ outlier in log-weight."""
+    logw = jnp.log(jnp.maximum(w, 1e-30))
+    top = jnp.max(logw, axis=-1)
+    is_top = jnp.arange(w.shape[-1]) == jnp.argmax(logw, axis=-1)[..., None]
+    rest = jnp.where(is_top, jnp.nan, logw)
+    mean, std = jnp.nanmean(rest, axis=-1), jnp.nanstd(rest, axis=-1)
+    return _f32(top - mean > 2.0 * std + 1e-6)
 
 
 # ---------------------------------------------------------------------------- together

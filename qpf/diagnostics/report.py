@@ -174,7 +174,7 @@ def memory_figure(run: RunData, probe: Any | None) -> bytes | None:
     inter = getattr(out, "intermediates", None) or {}
     if "memory_topk_indices" not in inter:
         return None
-    num_slots = run.loaded.params["params"]["memory"]["key_table_re"].shape[0]
+    num_slots = run.loaded.module.config.memory.num_slots
     counts = np.asarray(model_stats.slot_usage(inter["memory_topk_indices"], num_slots))
     fig, ax = _figure()
     ax.bar(np.arange(num_slots), counts, width=1.0)

@@ -15,6 +15,7 @@ from typing import Any
 from qpf import config as cfgs
 from qpf.config import ConfigError
 from qpf.data import DataConfig
+from qpf.diagnostics.in_step import INSIGHT_MODES
 from qpf.models.family import ModelFamily, get_family, resolve_model
 from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig
@@ -33,6 +34,11 @@ class TrainConfig:
       'skip' drops that update and goes on.
     data_parallel: shard each batch over all devices (all processes' devices when multi-host).
     profile_steps: 'A:B' traces steps A..B-1 with jax.profiler into RUN_DIR/profile.
+    metrics: the Manas/Buddhi/Viveka/Smriti metrics and per-module gradient norms and
+      update ratios, computed inside the step: 'on', 'faithful' (the original's
+      definitions) or 'off'.
+    diagnostics_every: steps between TensorBoard histograms of the recurrence spectrum,
+      routing and memory slot usage (0 = never).
     """
 
     steps: int = 300
@@ -50,13 +56,22 @@ class TrainConfig:
     profile_steps: str = ""
     tensorboard: bool = True
     progress: bool = True
+    metrics: str = "on"
+    diagnostics_every: int = 100
 
     def __post_init__(self) -> None:
         for name in ("steps", "keep_checkpoints", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"TrainConfig.{name} = {value!r} is invalid: allowed int >= 1")
-        for name in ("eval_every", "eval_batches", "save_every", "sample_tokens", "seed"):
+        for name in (
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "sample_tokens",
+            "seed",
+            "diagnostics_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"TrainConfig.{name} = {value!r} is invalid: allowed int >= 0")
@@ -64,6 +79,11 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.nan_policy = {self.nan_policy!r} is invalid: allowed "
                 f"{', '.join(NAN_POLICIES)}"
+            )
+        if self.metrics not in INSIGHT_MODES:
+            raise ConfigError(
+                f"TrainConfig.metrics = {self.metrics!r} is invalid: allowed "
+                f"{', '.join(INSIGHT_MODES)}"
             )
         if self.sample_temperature < 0:
             raise ConfigError("TrainConfig.sample_temperature must be >= 0 (0 = greedy)")

@@ -52,6 +52,11 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.add_text(tag, text, int(step))
 
+    def histogram(self, step: int, tag: str, values: Any) -> None:
+        """A TensorBoard histogram (no-op without TensorBoard)."""
+        if self._tb is not None:
+            self._tb.add_histogram(tag, values, int(step))
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
