@@ -146,7 +146,7 @@ def spectrum_figure(run: RunData) -> bytes | None:
     ax.set_xlabel("Re λ")
     ax.set_ylabel("Im λ")
     median = float(np.median(spec["memory_length"]))
-    ax.set_title(f"{run.name}: eigenvalues at zero input (median memory {median:.2f} steps)")
+    ax.set_title(f"{run.name}: eigenvalues at zero input\nmedian memory {median:.2f} steps")
     ax.legend(fontsize=7, markerscale=2)
     return figure_png(fig)
 
