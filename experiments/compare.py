@@ -12,7 +12,8 @@ validation batches at the same token counts (before training too). Each model's 
 * ``OUT/results.json``: per model the final validation loss / perplexity / bits per byte,
   the validation curve, the train-loss curve and the wall-clock;
 * ``OUT/results.md``: the same as markdown tables, with where and when it ran;
-* ``OUT/curves.png``: validation and train loss against tokens seen.
+* ``OUT/curves.png``: validation and train loss against tokens seen;
+* ``OUT/report.html``: the run report (``experiments.report``) of all models overlaid.
 
 Learning rates are each preset's own unless ``--lr``. Overrides use
 ``--set [SCOPE:]SECTION.FIELD=VALUE`` (see ``experiments.model_set``), e.g.
@@ -41,6 +42,7 @@ import jax
 from experiments.model_set import overrides_for, parse_models, parse_overrides
 from qpf.config import ConfigError
 from qpf.data import DataConfig, MissingDataError
+from qpf.diagnostics.report import write_report
 from qpf.training.config import RunConfig, TrainConfig
 from qpf.training.metrics import read_metrics
 from qpf.training.objectives import LossConfig
@@ -317,6 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results) + "\n")
     plot(results, out / "curves.png")
+    write_report([out / spec.replace(":", "-") for spec in specs], out / "report.html")
     return results
 
 

@@ -44,6 +44,8 @@ class InterferenceCoupler(PhaseModule):
         d = bank_outputs[names[0]].shape[-1]
         projected = [self.linear(d, f"bank_projs_{n}")(bank_outputs[n]) for n in names]
         weights = self._routing(projected)  # [B, T, nb] or None
+        if weights is not None:  # kept only when 'intermediates' is mutable (diagnostics)
+            self.sow("intermediates", "routing", weights)
         combined = 0.0
         for i, (name, p) in enumerate(zip(names, projected)):
             phase = self.param(

@@ -15,6 +15,7 @@ from typing import Any
 from qpf import config as cfgs
 from qpf.config import ConfigError, nonnegative_int, one_of, positive_int, require
 from qpf.data import DataConfig
+from qpf.diagnostics.in_step import INSIGHT_MODES
 from qpf.models.family import ModelFamily, get_family, resolve_model
 from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig
@@ -33,6 +34,11 @@ class TrainConfig:
       'skip' drops that update and goes on.
     data_parallel: shard each batch over all devices (all processes' devices when multi-host).
     profile_steps: 'A:B' traces steps A..B-1 with jax.profiler into RUN_DIR/profile.
+    metrics: the Manas/Buddhi/Viveka/Smriti metrics and per-module gradient norms and
+      update ratios, computed inside the step: 'on', 'faithful' (the original's
+      definitions) or 'off'.
+    diagnostics_every: steps between TensorBoard histograms of the recurrence spectrum,
+      routing and memory slot usage (0 = never).
     """
 
     steps: int = 300
@@ -50,11 +56,17 @@ class TrainConfig:
     profile_steps: str = ""
     tensorboard: bool = True
     progress: bool = True
+    metrics: str = "on"
+    diagnostics_every: int = 100
 
     def __post_init__(self) -> None:
         positive_int(self, "steps", "keep_checkpoints", "log_every")
-        nonnegative_int(self, "eval_every", "eval_batches", "save_every", "sample_tokens", "seed")
+        nonnegative_int(
+            self, "eval_every", "eval_batches", "save_every", "sample_tokens", "seed",
+            "diagnostics_every",
+        )  # fmt: skip
         one_of(self, "nan_policy", NAN_POLICIES)
+        one_of(self, "metrics", INSIGHT_MODES)
         require(self.sample_temperature >= 0, self, "sample_temperature", ">= 0 (0 = greedy)")
         if self.profile_steps:
             self.profile_range()

@@ -116,7 +116,7 @@ def load_run(
     tx, _ = make_optimizer(run.optim, peak_lr(run), run.train.steps)
     example = _example_input(run)
     abstract = jax.eval_shape(
-        lambda x: init_train_state(module, tx, run.train.seed, x),
+        lambda x: init_train_state(module, tx, run.train.seed, x, run.train.metrics),
         example,
     )
     # Restore onto this host's first device, whatever sharding the run was trained with.

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from qpf.diagnostics import in_step
 from qpf.training.objectives import LossConfig, objective_terms
 
 Array = jax.Array
@@ -30,19 +31,35 @@ AUX_TERMS = ("ce", "coherence", "coupling", "energy", "affix")
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes: the optimizer step counter, params and optimizer state."""
+    """Everything a step changes: the optimizer step counter, params and optimizer state.
+
+    insight: the Viveka carry (previous step's bank summary) when metrics are on, else None.
+    """
 
     step: Array
     params: Any
     opt_state: Any
+    insight: Any = None
 
 
 def init_train_state(
-    module: nn.Module, tx: optax.GradientTransformation, seed: int, example: Array
+    module: nn.Module,
+    tx: optax.GradientTransformation,
+    seed: int,
+    example: Array,
+    insight: str = "off",
 ) -> TrainState:
-    """Fresh parameters (from ``seed``) and optimizer state; ``example`` is an input batch."""
+    """Fresh parameters (from ``seed``) and optimizer state; ``example`` is an input batch.
+
+    insight: the metrics mode of ``make_train_step`` (it decides whether a carry exists).
+    """
     params = module.init(jax.random.key(seed), example)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        insight=in_step.init_carry(module, insight),
+    )
 
 
 def _split_micro(batch: Batch, n: int) -> Batch:
@@ -57,20 +74,36 @@ def make_train_step(
     *,
     seed: int,
     grad_accum: int = 1,
+    insight: str = "off",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build ``step(state, batch) -> (state, metrics)`` (not yet jitted).
 
     batch: ``tokens`` int ``[B, T]`` (``[B, T, 3]`` morphological) and ``mask`` bool
     ``[B, T]``; B must divide by ``grad_accum``. Dropout keys derive from (seed, step,
-    micro-batch), so a resumed run draws the same masks.
+    micro-batch), so a resumed run draws the same masks. insight: 'on' / 'faithful' adds
+    the philosophy metrics (``qpf.diagnostics``) and per-module gradient norms and update
+    ratios to the metrics; the state must then come from ``init_train_state(...,
+    insight=...)`` with the same mode.
     """
+    if insight not in in_step.INSIGHT_MODES:
+        raise ValueError(f"insight = {insight!r}: allowed {', '.join(in_step.INSIGHT_MODES)}")
+    extra = in_step.wants_intermediates(module) if insight != "off" else {}
 
-    def micro_loss(params, micro: Batch, rng: Array, total_tokens: Array):
+    def micro_loss(params, micro: Batch, rng: Array, total_tokens: Array, carry: Any):
         out = module.apply(
-            {"params": params}, micro["tokens"], deterministic=False, rngs={"dropout": rng}
+            {"params": params},
+            micro["tokens"],
+            deterministic=False,
+            rngs={"dropout": rng},
+            **extra,
         )
         terms = objective_terms(out, micro["tokens"], micro["mask"], loss_cfg)
         aux = {k: terms[k] for k in AUX_TERMS if k in terms}
+        if insight != "off":
+            seen, summary = in_step.step_metrics(module, out, micro["mask"], carry, insight)
+            aux.update(seen)
+            if summary is not None:
+                aux["_bank_summary"] = summary
         # CE is token-weighted over the whole batch; the other terms average micro-batches.
         loss = loss_cfg.ce * terms["ce_sum"] / total_tokens
         loss += (
@@ -91,14 +124,17 @@ def make_train_step(
         def accumulate(carry, xs):
             grads, loss, aux = carry
             i, mb = xs
-            (l_i, a_i), g_i = grad_fn(state.params, mb, jax.random.fold_in(base, i), total_tokens)
+            rng = jax.random.fold_in(base, i)
+            (l_i, a_i), g_i = grad_fn(state.params, mb, rng, total_tokens, state.insight)
             grads = jax.tree.map(jnp.add, grads, g_i)
             aux = jax.tree.map(lambda a, b: a + b, aux, a_i)
             return (grads, loss + l_i, aux), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         aux0 = jax.eval_shape(
-            lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), base, 1.0)[0][1]
+            lambda: grad_fn(
+                state.params, jax.tree.map(lambda x: x[0], micro), base, 1.0, state.insight
+            )[0][1]
         )
         aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
         (grads, loss, aux), _ = jax.lax.scan(
@@ -111,12 +147,22 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        carry = state.insight
+        if carry is not None and "_bank_summary" in aux:
+            carry = {"bank_summary": aux["_bank_summary"] / grad_accum, "seen": jnp.array(True)}
         new_state = TrainState(
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
+            insight=carry,
         )
-        metrics = {k: v / grad_accum for k, v in aux.items() if k in AUX_TERMS}
+        metrics = {
+            k: v / grad_accum
+            for k, v in aux.items()
+            if k in AUX_TERMS or (insight != "off" and "/" in k)
+        }
+        if insight != "off":
+            metrics.update(in_step.norm_metrics(grads, state.params, new_state.params))
         metrics["ce"] = aux["ce_sum"] / total_tokens
         metrics.update(
             loss=loss,

@@ -22,6 +22,7 @@ import numpy as np
 
 from qpf.config import ConfigError
 from qpf.data import build_datasets
+from qpf.diagnostics.tensorboard import PROBE_ROWS, make_probe, model_diagnostics
 from qpf.training import distributed as dist
 from qpf.training.checkpoint import RunCheckpoints, abstract_like
 from qpf.training.config import RunConfig, fit_model_to_tokenizer, peak_lr
@@ -76,6 +77,7 @@ class Trainer:
         dist.check_batch_divisible(run.data.batch_size, self.mesh, run.optim.grad_accum)
         self.tx, self.schedule = make_optimizer(run.optim, peak_lr(run), run.optim.decay_steps)
         self.sample_fn = sample_fn
+        self._probe: Any = None  # jitted diagnostics forward, built on first use
         self._build_steps()
         self.checkpoints = RunCheckpoints(self.run_dir, run.train.keep_checkpoints)
         self.state, self.start_step = self._initial_state(resume)
@@ -95,11 +97,18 @@ class Trainer:
         repl, rows = dist.replicated(self.mesh), dist.batch_sharding(self.mesh)
         run = self.config
         self._init = jax.jit(
-            lambda: init_train_state(self.module, self.tx, run.train.seed, self._example_batch()),
+            lambda: init_train_state(
+                self.module, self.tx, run.train.seed, self._example_batch(), run.train.metrics
+            ),
             out_shardings=repl,
         )
         step = make_train_step(
-            self.module, self.tx, run.loss, seed=run.train.seed, grad_accum=run.optim.grad_accum
+            self.module,
+            self.tx,
+            run.loss,
+            seed=run.train.seed,
+            grad_accum=run.optim.grad_accum,
+            insight=run.train.metrics,
         )
         self._step = jax.jit(
             step, in_shardings=(repl, rows), out_shardings=(repl, repl), donate_argnums=0
@@ -228,6 +237,8 @@ class Trainer:
             pending = (step, metrics)
             if bar is not None:
                 bar.update(1)
+            if cfg.diagnostics_every and step % cfg.diagnostics_every == 0:
+                self._log_diagnostics(step, batch)
             if profile and step == profile[1]:
                 jax.block_until_ready(self.state)
                 jax.profiler.stop_trace()
@@ -249,6 +260,22 @@ class Trainer:
         if not val and self.start_step >= cfg.steps:
             val = self.evaluate(self.state.params)
         return TrainResult(self.run_dir, cfg.steps, losses, val, self.state.params)
+
+    def _log_diagnostics(self, step: int, batch: dict[str, Any]) -> None:
+        """Spectrum, routing and slot-usage diagnostics into TensorBoard (process 0)."""
+        if self.logger is None:
+            return
+        if self._probe is None:
+            self._probe = make_probe(self.module)
+        family = self.config.model.rpartition(":")[0] or "qpf"
+        tokens = batch["tokens"][:PROBE_ROWS]
+        probe = self._probe(self.state.params, tokens) if tokens.ndim == 2 else None
+        scalars, hists = model_diagnostics(family, self.module, self.state.params, probe)
+        if scalars:
+            self.logger.log(step, {f"diag/{k}": v for k, v in scalars.items()})
+        for tag, values in hists.items():
+            if len(values):
+                self.logger.histogram(step, f"diag/{tag}", values)
 
     def _print_eval(self, step: int, val: dict[str, float]) -> None:
         # Every process samples (the params are global arrays); only process 0 prints.
