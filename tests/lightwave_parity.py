@@ -1,0 +1,88 @@
+"""Helpers for the LLM Lightwave parity tests: fixture loading and key-by-key comparison.
+
+Every comparison records (max abs error, max rel error) per key, and a list of failures, so
+a test can report every failing key at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpf.models import lightwave_weights as lww
+
+# README tolerances: float32 end to end (rtol 1e-4, atol 1e-4 on states and logits, rtol 1e-5
+# on losses, atol 1e-4 on generation scores); float64 against the f64/ reruns (1e-7, 1e-9).
+F32 = {"state": (1e-4, 1e-4), "loss": (1e-5, 0.0), "score": (1e-4, 1e-4)}
+F64 = {"state": (1e-7, 1e-9), "loss": (1e-7, 1e-9), "score": (1e-7, 1e-9)}
+
+
+def load(path: Path) -> dict[str, Any]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def config_json(z: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(str(z["config_json"]))
+
+
+def pairs(a: np.ndarray) -> np.ndarray:
+    """Complex arrays -> real pairs ``[..., 2]``; real arrays unchanged."""
+    a = np.asarray(a)
+    return np.stack([a.real, a.imag], axis=-1) if np.iscomplexobj(a) else a
+
+
+class Report:
+    """Collects per-key errors and failures of one fixture file and dtype."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stats: dict[str, tuple[float, float]] = {}
+        self.failures: list[str] = []
+
+    def close(self, key: str, got: Any, want: Any, tol: tuple[float, float]) -> None:
+        got = np.asarray(got, np.float64)
+        want = np.asarray(pairs(want), np.float64)
+        if got.shape != want.shape:
+            self.failures.append(f"{key}: shape {got.shape} != {want.shape}")
+            return
+        rtol, atol = tol
+        err = np.abs(got - want)
+        rel = err / np.maximum(np.abs(want), 1e-30)
+        self.stats[key] = (float(err.max(initial=0.0)), float(rel.max(initial=0.0)))
+        if not np.all(np.isfinite(got)) or np.any(err > atol + rtol * np.abs(want)):
+            worst = float((err - rtol * np.abs(want)).max(initial=0.0))
+            self.failures.append(
+                f"{key}: max abs {self.stats[key][0]:.3g}, rel {self.stats[key][1]:.3g} "
+                f"(rtol {rtol}, atol {atol}; excess {worst:.3g})"
+            )
+
+    def equal(self, key: str, got: Any, want: Any) -> None:
+        got, want = np.asarray(got), np.asarray(want)
+        if got.shape != want.shape or not np.array_equal(got, want):
+            self.failures.append(f"{key}: differs (got {got.tolist()}, want {want.tolist()})")
+        else:
+            self.stats[key] = (0.0, 0.0)
+
+    def summary(self) -> str:
+        states = [v for k, v in self.stats.items()]
+        abs_max = max((a for a, _ in states), default=0.0)
+        rel_max = max((r for _, r in states), default=0.0)
+        return f"{self.name}: {len(self.stats)} keys, max abs {abs_max:.3g}, max rel {rel_max:.3g}"
+
+    def check(self) -> None:
+        print(self.summary())
+        assert not self.failures, f"{self.name}: {len(self.failures)} failing keys:\n" + "\n".join(
+            self.failures
+        )
+
+
+def model_params(z: Mapping[str, Any], dtype: str) -> tuple[Any, Any]:
+    """(config, variables) of a model fixture in ``dtype`` ('float32' | 'float64')."""
+    cfg = lww.config_from_torch(config_json(z), dtype=dtype, param_dtype=dtype)
+    params = lww.params_from_torch(lww.load_fixture_params(z), cfg, dtype=np.dtype(dtype))
+    return cfg, params
