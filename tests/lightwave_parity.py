@@ -42,6 +42,7 @@ class Report:
     def __init__(self, name: str) -> None:
         self.name = name
         self.stats: dict[str, tuple[float, float]] = {}
+        self.scaled: dict[str, tuple[float, float]] = {}
         self.failures: list[str] = []
 
     def close(self, key: str, got: Any, want: Any, tol: tuple[float, float]) -> None:
@@ -54,6 +55,8 @@ class Report:
         err = np.abs(got - want)
         rel = err / np.maximum(np.abs(want), 1e-30)
         self.stats[key] = (float(err.max(initial=0.0)), float(rel.max(initial=0.0)))
+        scale = max(float(np.abs(want).max(initial=0.0)), 1e-30)
+        self.scaled[key] = (self.stats[key][0], self.stats[key][0] / scale)
         if not np.all(np.isfinite(got)) or np.any(err > atol + rtol * np.abs(want)):
             worst = float((err - rtol * np.abs(want)).max(initial=0.0))
             self.failures.append(
@@ -68,11 +71,27 @@ class Report:
         else:
             self.stats[key] = (0.0, 0.0)
 
+    def close_scaled(self) -> dict[str, tuple[float, float]]:
+        """Per group (states/logits, losses, generation and beam scores): max abs error
+        and max error relative to the key's largest magnitude."""
+        groups: dict[str, tuple[float, float]] = {}
+        for key, (err, scaled) in self.scaled.items():
+            group = (
+                "loss"
+                if "/loss/" in key
+                else "gen/beam"
+                if "beam" in key or "gen" in key
+                else "state"
+            )
+            a, r = groups.get(group, (0.0, 0.0))
+            groups[group] = (max(a, err), max(r, scaled))
+        return groups
+
     def summary(self) -> str:
-        states = [v for k, v in self.stats.items()]
-        abs_max = max((a for a, _ in states), default=0.0)
-        rel_max = max((r for _, r in states), default=0.0)
-        return f"{self.name}: {len(self.stats)} keys, max abs {abs_max:.3g}, max rel {rel_max:.3g}"
+        parts = [
+            f"{g}: abs {a:.2g} rel {r:.2g}" for g, (a, r) in sorted(self.close_scaled().items())
+        ]
+        return f"{self.name}: {len(self.stats)} keys; " + "; ".join(parts)
 
     def check(self) -> None:
         print(self.summary())

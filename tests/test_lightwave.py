@@ -7,6 +7,8 @@ at the fixture README's tolerances, reporting every failing key.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from lightwave_parity import F32, F64, Report, config_json, load, model_params, 
 
 from qpf.config import ConfigError
 from qpf.generation import generate
+from qpf.generation.original_beam import OriginalBeamConfig, original_beam_search
 from qpf.models import lightwave as lw
 from qpf.models import lightwave_weights as lww
 from qpf.models.family import get_family, resolve_model
@@ -130,6 +133,43 @@ def _check_greedy(rep: Report, z: dict, module, params, fwd, f64: bool) -> None:
         rep.close(ref, val, z[ref], tol["score"])
 
 
+def _padded(seqs: list[list[int]], width: int) -> np.ndarray:
+    out = np.full((len(seqs), width), -1, np.int64)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+def _check_beam(rep: Report, z: dict, module, params, f64: bool) -> None:
+    """The original's beam search: every step's live beams, finished beams, final ranking."""
+    tol = F64 if f64 else F32
+    kw = json.loads(str(z["meta_json"]))["beam"]["kwargs"]
+    config = OriginalBeamConfig(
+        width=kw["beam_width"],
+        max_new_tokens=kw["max_new"],
+        temperature=kw["temperature"],
+        length_penalty=kw["length_penalty"],
+        min_length=kw["min_length"],
+    )
+    n_gen = z["gen/step_logit_max"].shape[0]
+    prompt = [int(t) for t in z["gen/ids"][: len(z["gen/ids"]) - n_gen]]
+    res = original_beam_search(module, params, prompt, config, eos_id=EOT)
+    width = z["beam/final_ids"].shape[1]
+    rep.equal("beam/final_ids", _padded(res.final_ids, width), z["beam/final_ids"])
+    rep.equal("beam/final_finished", res.final_finished, z["beam/final_finished"])
+    best = z["beam/best_ids"]
+    rep.equal("beam/best_ids", res.best_ids, best[best >= 0])
+    steps = np.stack([_padded(s, width) for s in res.step_ids]) if res.step_ids else None
+    rep.equal("beam/step_ids", steps, z["beam/step_ids"])
+    for key, val in [
+        ("final_raw_score", res.final_raw_score),
+        ("final_norm_score", res.final_norm_score),
+        ("step_score", np.asarray(res.step_score)),
+    ]:
+        ref = f"f64/beam/{key}" if f64 else f"beam/{key}"
+        rep.close(ref, val, z[ref], tol["score"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_lightwave_model_parity(dtype):
@@ -148,6 +188,8 @@ def test_lightwave_model_parity(dtype):
                 _check_case(rep, z, case, out, losses, dtype == "float64")
             if "gen/ids" in z:
                 _check_greedy(rep, z, module, params, fwd, dtype == "float64")
+            if "beam/final_ids" in z:
+                _check_beam(rep, z, module, params, dtype == "float64")
         rep.check()
 
 
