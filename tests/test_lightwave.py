@@ -370,3 +370,26 @@ def test_lightwave_presets_match_transformer_sizes():
         mine = family_param_count(fam, preset.model)
         ref = family_param_count(tfam, tpreset.model)
         assert abs(mine / ref - 1) < 0.04, (name, mine, ref)
+
+
+def test_lightwave_quantization_ste_passes_gradient():
+    cfg = lw.LightwaveConfig(quant_bits=4)
+    p = {
+        "kernel": jax.random.normal(jax.random.key(0), (6, 5)),
+        "bias": jax.random.normal(jax.random.key(1), (5,)),
+    }
+    x = jax.random.normal(jax.random.key(2), (3, 6))
+
+    def grad(config):
+        return jax.grad(lambda q: jnp.sum(lw.lora_linear(q, x, config) ** 2))(p)["kernel"]
+
+    plain = grad(cfg)
+    ste = grad(cfg.replace(quant_ste=True))
+    # round() has zero derivative: without STE only the scale's max element gets gradient.
+    assert np.count_nonzero(np.asarray(plain)) <= 1
+    assert np.count_nonzero(np.asarray(ste)) == ste.size
+    q = lw.fake_quantize(p["kernel"], 4)
+    levels = np.asarray(q) / (np.abs(np.asarray(p["kernel"])).max() / 7)
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+    assert levels.min() >= -8
+    assert levels.max() <= 7
