@@ -18,8 +18,8 @@ def lora_model():
     cfg = get_family("lightwave").preset("test").model.replace(use_lora=True, lora_rank=2)
     module = lw.Lightwave(cfg)
     ids = jax.random.randint(jax.random.key(3), (2, 7), 0, cfg.vocab_size)
-    base = lw.Lightwave(cfg.replace(use_lora=False)).init(jax.random.key(0), ids)
-    params = ft.with_lora(base, module.init(jax.random.key(1), ids))
+    base = jax.jit(lw.Lightwave(cfg.replace(use_lora=False)).init)(jax.random.key(0), ids)
+    params = ft.with_lora(base, jax.jit(module.init)(jax.random.key(1), ids))
     return module, base, params, ids
 
 
@@ -27,7 +27,8 @@ def test_with_lora_keeps_base_weights(lora_model):
     module, base, params, ids = lora_model
     # lora_b starts at zero, so the adapted model computes exactly the base model.
     plain = lw.Lightwave(module.config.replace(use_lora=False))
-    np.testing.assert_array_equal(module.apply(params, ids).logits, plain.apply(base, ids).logits)
+    got = jax.jit(module.apply)(params, ids).logits
+    np.testing.assert_array_equal(got, jax.jit(plain.apply)(base, ids).logits)
 
 
 def test_freeze_updates_only_trainable_and_keeps_no_state_for_frozen(lora_model):
