@@ -83,6 +83,8 @@ class Report:
                 if "beam" in key or "gen" in key
                 else "state"
             )
+            if "float64" in self.name and not key.startswith("f64/"):
+                group += " (no f64/ copy: vs float32)"
             a, r = groups.get(group, (0.0, 0.0))
             groups[group] = (max(a, err), max(r, scaled))
         return groups

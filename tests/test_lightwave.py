@@ -390,3 +390,36 @@ def test_lightwave_quantization_ste_passes_gradient():
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
     assert levels.min() >= -8
     assert levels.max() <= 7
+
+
+def _shift_sum(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    u_s = np.concatenate([v[..., :1], u[..., :-1]], -1)
+    v_s = np.concatenate([v[..., 1:], u[..., -1:]], -1)
+    return u_s + v_s
+
+
+@pytest.mark.parametrize("coin", ["splitter", "fixed"])
+def test_lightwave_wave_step_matches_complex_reference(coin):
+    """One wave-mode step against numpy complex arithmetic (the fixed coin is the earlier
+    variant: (c/√2)[[1, i], [i, 1]] with the (1 − c)·z residual)."""
+    rng = np.random.default_rng(0)
+    b, d = 3, 7
+    z = rng.normal(size=(b, d)) + 1j * rng.normal(size=(b, d))
+    last = rng.normal(size=(1, d)) + 1j * rng.normal(size=(1, d))
+    pu, pv, c = rng.normal(size=d), rng.normal(size=d), 0.3
+    u, v = last * np.exp(1j * pu), z * np.exp(1j * pv)
+    if coin == "splitter":
+        r, t = np.sqrt(c), np.sqrt(1 - c)
+        want = _shift_sum(t * u + 1j * r * v, 1j * r * u + t * v)
+    else:
+        k = c / np.sqrt(2)
+        want = _shift_sum(k * (u + 1j * v), k * (1j * u + v)) + (1 - c) * z
+    got = lw.wave_modulate(
+        jnp.asarray(pairs(z), jnp.float32),
+        jnp.asarray(pairs(last), jnp.float32),
+        jnp.float32(c),
+        jnp.asarray(pu, jnp.float32),
+        jnp.asarray(pv, jnp.float32),
+        coin,
+    )
+    np.testing.assert_allclose(np.asarray(got), pairs(want), rtol=1e-5, atol=1e-5)
