@@ -315,7 +315,7 @@ def test_lightwave_causal(small_model):
 
 def test_lightwave_every_parameter_gets_gradient(small_model):
     module, params, _, _ = small_model
-    # Longer than rel_max_dist (5) so every bias row is read.
+    # Longer than rel_max_dist (3) so every bias row is read.
     vocab = module.config.vocab_size
     ids = jnp.arange(2 * 12).reshape(2, 12) * 7 % vocab
 
