@@ -423,3 +423,44 @@ def test_lightwave_wave_step_matches_complex_reference(coin):
         coin,
     )
     np.testing.assert_allclose(np.asarray(got), pairs(want), rtol=1e-5, atol=1e-5)
+
+
+def test_lightwave_loader_rejects_unknown_and_missing_names():
+    cfg = lw.LightwaveConfig(vocab_size=7, dim=2, num_layers=1, num_steps=2, rel_max_dist=2)
+    sd = {
+        "token_embed.embed.weight": np.zeros((7, 2), np.float32),
+        "token_embed.imag_embed.weight": np.zeros((7, 2), np.float32),
+        "pos_bias.bias": np.zeros((5, 2), np.complex64),
+        "layers.0.coupling": np.zeros(2, np.float32),
+        "layers.0.norm_scale": np.ones((), np.float32),
+        "layers.0.modulator.phase_u": np.zeros((2, 2), np.float32),
+        "layers.0.modulator.phase_v": np.zeros((2, 2), np.float32),
+        "readout.proj.weight": np.zeros((7, 4), np.float32),
+        "readout.proj.bias": np.zeros(7, np.float32),
+    }
+    params = lww.params_from_torch(sd, cfg)
+    assert params["params"]["pos_bias"]["table"].shape == (3, 2, 2)
+    with pytest.raises(ValueError, match="unused torch parameters"):
+        lww.params_from_torch({**sd, "extra.weight": np.zeros(1)}, cfg)
+    with pytest.raises(KeyError, match=r"readout\.proj\.bias"):
+        lww.params_from_torch({k: v for k, v in sd.items() if k != "readout.proj.bias"}, cfg)
+
+
+def test_lightwave_original_beam_scores_are_path_logprobs():
+    """Neural-mode beam search runs (the original's fails) and every live beam's raw score
+    is Σ log(p + 1e-12) of its tokens at the beam temperature, from one full forward."""
+    cfg = get_family("lightwave").preset("test").model
+    module = lw.Lightwave(cfg)
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    prompt = [3, 14, 15]
+    config = OriginalBeamConfig(width=2, max_new_tokens=3, min_length=3, repeat_threshold=99)
+    res = original_beam_search(module, params, prompt, config, eos_id=cfg.vocab_size - 1)
+    assert len(res.step_ids) == 3
+    for ids, score in zip(res.step_ids[-1], res.step_score[-1], strict=True):
+        logits = module.apply(params, jnp.asarray([ids])).logits[0] / 0.7
+        logits = logits.at[:, cfg.vocab_size - 1].set(-jnp.inf)  # EOT masked before min_length
+        probs = np.asarray(jax.nn.softmax(logits, -1))
+        want = sum(
+            float(np.log(np.float32(probs[t - 1, ids[t]] + 1e-12))) for t in range(3, len(ids))
+        )
+        np.testing.assert_allclose(score, want, rtol=1e-5)
