@@ -42,8 +42,8 @@ from family_checks import (
 
 from experiments import train as train_cli
 from qpf.config import ConfigError
+from qpf.models.contract import ModelOutput
 from qpf.models.family import ModelFamily, family_names, get_family, resolve_model
-from qpf.models.qpf import ModelOutput
 from qpf.training.metrics import read_metrics
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 from qpf.training.step import TrainState, make_train_step

@@ -59,9 +59,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import _one_of, _positive_int, _require
+from qpf.config import one_of, positive_int, require
+from qpf.models.contract import ModelOutput
 from qpf.models.family import ModelFamily, Preset, State, register_family
-from qpf.models.qpf import ModelOutput
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -110,7 +110,7 @@ class LightwaveConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _positive_int(
+        positive_int(
             self,
             "vocab_size",
             "dim",
@@ -122,47 +122,45 @@ class LightwaveConfig:
             "readout_lora_rank",
             "max_len",
         )
-        _one_of(self, "mode", MODES)
-        _one_of(self, "coin", COINS)
-        _one_of(self, "dtype", tuple(DTYPES))
-        _one_of(self, "param_dtype", tuple(DTYPES))
+        one_of(self, "mode", MODES)
+        one_of(self, "coin", COINS)
+        one_of(self, "dtype", tuple(DTYPES))
+        one_of(self, "param_dtype", tuple(DTYPES))
         if self.mode == "neural":
-            _require(
+            require(
                 self.dim % self.num_heads == 0,
                 self,
                 "num_heads",
                 f"a divisor of dim={self.dim} in neural mode",
             )
-        _require(
+        require(
             self.coin == "splitter" or self.mode == "wave",
             self,
             "coin",
             "'splitter' unless mode='wave' (the coin is a wave-mode option)",
         )
         for name in ("use_lora", "quant_ste"):
-            _require(isinstance(getattr(self, name), bool), self, name, "a bool")
-        _require(
+            require(isinstance(getattr(self, name), bool), self, name, "a bool")
+        require(
             self.quant_bits is None
             or (isinstance(self.quant_bits, int) and 2 <= self.quant_bits <= 16),
             self,
             "quant_bits",
             "None or an int in [2, 16]",
         )
-        _require(
+        require(
             not self.quant_ste or self.quant_bits is not None,
             self,
             "quant_ste",
             "False unless quant_bits is set",
         )
-        _require(
+        require(
             isinstance(self.lora_alpha, int | float) and self.lora_alpha > 0,
             self,
             "lora_alpha",
             "a float > 0",
         )
-        _require(
-            isinstance(self.initial_coupling, int | float), self, "initial_coupling", "a float"
-        )
+        require(isinstance(self.initial_coupling, int | float), self, "initial_coupling", "a float")
 
     @property
     def head_dim(self) -> int:
