@@ -670,13 +670,13 @@ _TABLE: dict[str, tuple[dict[str, Any], int, float]] = {
     "tiny-neural": ({"dim": 64, "num_layers": 4, "num_steps": 8, "mode": "neural"}, 16, 1e-3),
     "small": ({"dim": 316, "num_layers": 4, "num_steps": 8}, 8, 6e-4),
     "test": (
-        {"vocab_size": 97, "dim": 4, "num_layers": 2, "num_steps": 3, "rel_max_dist": 3,
+        {"vocab_size": 259, "dim": 4, "num_layers": 2, "num_steps": 3, "rel_max_dist": 3,
          "mode": "neural", "max_len": 32},
         4,
         1e-3,
     ),
     "test-wave": (
-        {"vocab_size": 97, "dim": 5, "num_layers": 2, "num_steps": 3, "rel_max_dist": 3,
+        {"vocab_size": 259, "dim": 5, "num_layers": 2, "num_steps": 3, "rel_max_dist": 3,
          "max_len": 32},
         4,
         1e-3,
