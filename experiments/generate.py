@@ -101,12 +101,10 @@ def _main(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     run = load_run(args.run_dir, args.checkpoint, args.data_dir)
     _status(f"loaded {run.config.model} step {run.step} ({args.checkpoint}) from {run.run_dir}")
-    line = {"open": False}  # the text on stdout has an unfinished line
-
-    def report(text: str) -> None:  # status on stderr, after ending the text's line
-        if line["open"]:
+    def report(text: str) -> None:
+        # A sample's end (its stop reason) also ends its text on stdout with one newline.
+        if not text.startswith("prefill"):
             print(flush=True)
-            line["open"] = False
         _status(text)
 
     for index, piece in stream_loaded(run, prompt, options, report=report):
@@ -116,9 +114,6 @@ def _main(args: argparse.Namespace) -> int:
             continue
         sys.stdout.write(piece)
         sys.stdout.flush()
-        line["open"] = not piece.endswith("\n")
-    if line["open"]:
-        print(flush=True)
     return 0
 
 

@@ -333,8 +333,12 @@ def check_windows(
         raise ConfigError(
             f"corpus {corpus} is too small for one batch: its train split has {n:,} tokens "
             f"({n_train} windows of --seq-len {cfg.seq_len}, {cfg.mode} mode), and one batch "
-            f"needs --batch-size {cfg.batch_size} windows. What fits: {fit}; "
-            "--set data.mode=pad pads short documents instead of packing them"
+            f"needs --batch-size {cfg.batch_size} windows. What fits: {fit}"
+            + (
+                "; --set data.mode=pad pads short documents instead of packing them"
+                if cfg.mode == "pack"
+                else ""
+            )
         )
     if n_eval == 0:
         raise ConfigError(
