@@ -101,6 +101,7 @@ def _main(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     run = load_run(args.run_dir, args.checkpoint, args.data_dir)
     _status(f"loaded {run.config.model} step {run.step} ({args.checkpoint}) from {run.run_dir}")
+
     def report(text: str) -> None:
         # A sample's end (its stop reason) also ends its text on stdout with one newline.
         if not text.startswith("prefill"):

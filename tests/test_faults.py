@@ -112,6 +112,14 @@ def run(trained, tmp_path) -> Path:
 # ------------------------------------------------------------------------- resume
 
 
+def test_best_keeps_one_step_the_lowest_validation_loss(trained):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").open()]
+    val = {r["step"]: r["val/loss"] for r in records if "val/loss" in r}
+    assert sorted(val) == [1, 2]
+    best = [p.name for p in (trained / "best").iterdir() if p.name.isdigit()]
+    assert best == [str(min(val, key=val.get))]
+
+
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
@@ -156,6 +164,13 @@ def test_lost_config_and_damaged_newest_checkpoint_then_training_past_it(run, en
     assert state
     assert all(f.read_bytes() != b"garbage" for f in state)
     assert list((run / "damaged").iterdir()), "the damaged copy is kept"
+    from qpf.training.checkpoint import RunCheckpoints
+
+    checkpoints = RunCheckpoints(run, read_only=True)
+    try:
+        assert checkpoints.read_meta(2)["step"] == 2  # the replacement is a whole checkpoint
+    finally:
+        checkpoints.close()
     steps = [
         r["step"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "train/loss" in r
     ]

@@ -332,7 +332,7 @@ def check_windows(
         fit = " or ".join(fits) if fits else "a larger corpus"
         raise ConfigError(
             f"corpus {corpus} is too small for one batch: its train split has {n:,} tokens "
-            f"({n_train} windows of --seq-len {cfg.seq_len}, {cfg.mode} mode), and one batch "
+            f"({n_train} window(s) of --seq-len {cfg.seq_len}, {cfg.mode} mode), and one batch "
             f"needs --batch-size {cfg.batch_size} windows. What fits: {fit}"
             + (
                 "; --set data.mode=pad pads short documents instead of packing them"
