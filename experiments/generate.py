@@ -3,22 +3,23 @@
 The continuation is streamed to stdout as it is generated (status lines go to stderr). The
 prompt (``--prompt`` or ``--prompt-file``, any length) is prefilled ``--chunk-size`` tokens
 at a time with the carried state, so memory stays flat for recurrent models; the
-transformer's KV cache must hold prompt + new tokens within its max_len. Bad options exit
-with status 2 and a message on stderr.
+transformer's KV cache must hold prompt + new tokens within its max_len. A prompt longer
+than one chunk reports prefill progress on stderr, and each sample ends with a line saying
+why it stopped (end-of-text or --max-new-tokens). Every fault (a bad option, a missing or
+damaged run) exits with status 2 and one ``error:`` line on stderr; ``--debug`` or
+``QPF_DEBUG=1`` shows tracebacks. Nothing in the run directory is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from experiments.cli import run_main, setup_logging
 from qpf.config import ConfigError
-from qpf.data import MissingDataError
 from qpf.generation.from_run import DEFAULT_CHUNK, GenerateOptions, stream_loaded
 from qpf.sampling import SamplingConfig
-from qpf.training.checkpoint import CheckpointError
 from qpf.training.restore import CHECKPOINT_CHOICES, load_run
 
 
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--block-size", type=int, default=1, help="tokens per compiled decode call (latency)"
     )
     p.add_argument("--data-dir", default=None, help="tokenizer data folder (GPT-2 ranks)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also QPF_DEBUG=1)")
     return p.parse_args(argv)
 
 
@@ -84,37 +86,35 @@ def options_from_args(args: argparse.Namespace) -> GenerateOptions:
     )
 
 
-def _quiet_libraries() -> None:
-    # Orbax logs every restore through absl at INFO; keep the console for the text.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("absl", "orbax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+def _status(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    setup_logging()
     args = parse_args(argv)
-    try:
-        options = options_from_args(args)
-        prompt = read_prompt(args)
-        run = load_run(args.run_dir, args.checkpoint, args.data_dir)
-        print(
-            f"loaded {run.config.model} step {run.step} ({args.checkpoint}) from {run.run_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
-        for index, piece in stream_loaded(run, prompt, options):
-            if not piece:  # a sample starts
-                if options.num_samples > 1:
-                    gap = "\n" if index else ""  # end the previous sample's line
-                    print(f"{gap}--- sample {index} ---", flush=True)
-                continue
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        print(flush=True)
-    except (ConfigError, CheckpointError, MissingDataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _main(args), argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    prompt = read_prompt(args)
+    run = load_run(args.run_dir, args.checkpoint, args.data_dir)
+    _status(f"loaded {run.config.model} step {run.step} ({args.checkpoint}) from {run.run_dir}")
+
+    def report(text: str) -> None:
+        # A sample's end (its stop reason) also ends its text on stdout with one newline.
+        if not text.startswith("prefill"):
+            print(flush=True)
+        _status(text)
+
+    for index, piece in stream_loaded(run, prompt, options, report=report):
+        if not piece:  # a sample starts
+            if options.num_samples > 1:
+                print(f"--- sample {index} ---", flush=True)
+            continue
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     return 0
 
 

@@ -13,6 +13,7 @@ from qpf.data.cache import TokenStream, cache_key, cached_stream, tokenize_docs
 from qpf.data.corpora import (
     CORPUS_NAMES,
     Corpus,
+    CorpusError,
     MissingDataError,
     load_corpus,
     pydoc_documents,
@@ -42,6 +43,7 @@ __all__ = [
     "TOKENIZER_NAMES",
     "ByteTokenizer",
     "Corpus",
+    "CorpusError",
     "DataConfig",
     "DataInfo",
     "Datasets",

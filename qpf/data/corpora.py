@@ -68,6 +68,10 @@ class MissingDataError(FileNotFoundError):
     """A corpus file is absent and could not be downloaded."""
 
 
+class CorpusError(ValueError):
+    """A corpus file exists but cannot be used (not UTF-8, no text); names the file."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
     """A corpus split into documents: ``train`` and ``eval`` lists of strings."""
@@ -135,7 +139,15 @@ def fetch(rel: str, data_dir: Path | None, cache_dir: Path) -> Path:
 
 
 def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8")
+    """A corpus file's text; invalid UTF-8 is a ``CorpusError`` naming the file and offset."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise CorpusError(
+            f"corpus file {path} is not valid UTF-8 (byte {err.start}, line {line}: "
+            f"{err.reason}): convert it to UTF-8, e.g. iconv -f LATIN1 -t UTF-8"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- documents
@@ -246,6 +258,12 @@ def _text_documents(path: Path) -> list[str]:
         if not f.is_file():
             raise MissingDataError(f"text corpus file {f} does not exist")
         docs.extend(split_paragraphs(_read(f)))
+    if not docs:
+        what = f"{len(files)} .txt file(s) under {path}" if path.is_dir() else f"file {path}"
+        raise CorpusError(
+            f"text corpus {what} holds no text (empty or only blank lines): "
+            "point --dataset text:PATH at a file or folder with text"
+        )
     return docs
 
 

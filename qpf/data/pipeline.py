@@ -296,13 +296,8 @@ def streams(cfg: DataConfig, corpus: Corpus, tok: Tokenizer) -> tuple[TokenStrea
     return out[0], out[1]
 
 
-def build_datasets(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> Datasets:
-    """Load, tokenize (cached), window and batch a corpus for training and evaluation.
-
-    Each of ``process_count`` processes gets rows ``[p*b, (p+1)*b)`` of every global batch,
-    with ``b = batch_size // process_count``, so the processes' batches concatenated in
-    process order equal the single-process batch.
-    """
+def _check_processes(cfg: DataConfig, process_index: int, process_count: int) -> int:
+    """Rows of each global batch that this process feeds."""
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if cfg.batch_size % process_count:
@@ -310,32 +305,64 @@ def build_datasets(cfg: DataConfig, process_index: int = 0, process_count: int =
             f"DataConfig.batch_size = {cfg.batch_size} is invalid: allowed a multiple of "
             f"process_count = {process_count}"
         )
-    per_process = cfg.batch_size // process_count
-    corpus = load_corpus(cfg.corpus, cfg.data_dir, cfg.cache_dir, cfg.eval_fraction, cfg.eval_split)
-    tok = make_tokenizer(cfg, corpus)
-    train, evals = streams(cfg, corpus, tok)
-    T, morph = cfg.seq_len, train.tokens.ndim == 2
-    pad = pad_row(tok, morph)
+    return cfg.batch_size // process_count
 
+
+def make_windows(
+    cfg: DataConfig, train: TokenStream, evals: TokenStream
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(train windows, eval windows) of ``cfg.mode``; each is (starts [W], lengths [W])."""
+    T = cfg.seq_len
     if cfg.mode == "pack":
-        starts, lengths = pack_windows(len(train), T)
-        eval_w = span_windows(np.array([[0, len(evals)]]), T, T - 1)
-    else:
-        starts, lengths = span_windows(train.docs, T, T)
-        eval_w = span_windows(evals.docs, T, T - 1)
-    steps = len(starts) // cfg.batch_size
-    if steps == 0:
+        return pack_windows(len(train), T), span_windows(np.array([[0, len(evals)]]), T, T - 1)
+    return span_windows(train.docs, T, T), span_windows(evals.docs, T, T - 1)
+
+
+def check_windows(
+    cfg: DataConfig, corpus: str, train: TokenStream, evals: TokenStream, n_train: int, n_eval: int
+) -> None:
+    """A corpus too small for one batch (or one eval window) says what would fit."""
+    if n_train // cfg.batch_size == 0:
+        n = len(train)
+        fits = []
+        if n // cfg.batch_size >= 2:
+            fits.append(f"--seq-len {n // cfg.batch_size} (at --batch-size {cfg.batch_size})")
+        if n // cfg.seq_len >= 1:
+            fits.append(f"--batch-size {n // cfg.seq_len} (at --seq-len {cfg.seq_len})")
+        fit = " or ".join(fits) if fits else "a larger corpus"
         raise ConfigError(
-            f"DataConfig.batch_size = {cfg.batch_size} is invalid: the train split has only "
-            f"{len(starts)} windows of seq_len {T}"
+            f"corpus {corpus} is too small for one batch: its train split has {n:,} tokens "
+            f"({n_train} window(s) of --seq-len {cfg.seq_len}, {cfg.mode} mode), and one batch "
+            f"needs --batch-size {cfg.batch_size} windows. What fits: {fit}"
+            + (
+                "; --set data.mode=pad pads short documents instead of packing them"
+                if cfg.mode == "pack"
+                else ""
+            )
+        )
+    if n_eval == 0:
+        raise ConfigError(
+            f"corpus {corpus}: its evaluation split has {len(evals):,} tokens, too few for "
+            "one evaluation window (2 tokens per document at least); use a larger corpus or "
+            "--set data.eval_fraction=0.2 to hold out more"
         )
 
+
+def _train_dataset(
+    cfg: DataConfig,
+    train: TokenStream,
+    windows: tuple[np.ndarray, np.ndarray],
+    pad: np.ndarray,
+    process_index: int,
+    per_process: int,
+) -> grain.IterDataset:
+    starts, lengths = windows
     fn = functools.partial(
         _train_batch,
         stream=train,
         starts=starts,
         lengths=lengths,
-        seq_len=T,
+        seq_len=cfg.seq_len,
         pad=pad,
         process_index=process_index,
         per_process=per_process,
@@ -354,7 +381,24 @@ def build_datasets(cfg: DataConfig, process_index: int = 0, process_count: int =
     )
     if cfg.num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return it_ds
 
+
+def build_datasets(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> Datasets:
+    """Load, tokenize (cached), window and batch a corpus for training and evaluation.
+
+    Each of ``process_count`` processes gets rows ``[p*b, (p+1)*b)`` of every global batch,
+    with ``b = batch_size // process_count``, so the processes' batches concatenated in
+    process order equal the single-process batch.
+    """
+    per_process = _check_processes(cfg, process_index, process_count)
+    corpus = load_corpus(cfg.corpus, cfg.data_dir, cfg.cache_dir, cfg.eval_fraction, cfg.eval_split)
+    tok = make_tokenizer(cfg, corpus)
+    train, evals = streams(cfg, corpus, tok)
+    pad = pad_row(tok, train.tokens.ndim == 2)
+    (starts, lengths), eval_w = make_windows(cfg, train, evals)
+    check_windows(cfg, corpus.name, train, evals, len(starts), len(eval_w[0]))
+    it_ds = _train_dataset(cfg, train, (starts, lengths), pad, process_index, per_process)
     info = DataInfo(
         corpus=corpus.name,
         tokenizer=tok.name,
@@ -364,7 +408,7 @@ def build_datasets(cfg: DataConfig, process_index: int = 0, process_count: int =
         n_val_tokens=len(evals),
         n_train_windows=len(starts),
         n_eval_windows=len(eval_w[0]),
-        steps_per_epoch=steps,
+        steps_per_epoch=len(starts) // cfg.batch_size,
         val_bytes=target_bytes_total(evals, *eval_w),
     )
     return Datasets(
@@ -374,7 +418,7 @@ def build_datasets(cfg: DataConfig, process_index: int = 0, process_count: int =
         train_dataset=it_ds,
         _eval=evals,
         _eval_windows=eval_w,
-        _seq_len=T,
+        _seq_len=cfg.seq_len,
         _batch_size=cfg.batch_size,
         _pad=pad,
         _process_index=process_index,

@@ -45,6 +45,31 @@ class Tokenizer(Protocol):
 # ----------------------------------------------------------------------------- GPT-2
 
 
+def _tiktoken_gpt2(ranks_file: Path | None):
+    """tiktoken's own GPT-2 encoding (downloaded once into its cache), or ``MissingDataError``
+    naming the ranks file and where to put it when that is impossible (``QPF_OFFLINE=1``
+    forbids the download)."""
+    import tiktoken
+
+    from qpf.data.corpora import MissingDataError
+
+    where = str(ranks_file) if ranks_file is not None else "DATA_DIR/gpt2/gpt2.tiktoken"
+    hint = (
+        f"put the GPT-2 ranks file gpt2.tiktoken at {where} (the data folder is --data-dir "
+        "or QPF_DATA_DIR; ../shared/data/gpt2/gpt2.tiktoken has it), or use --tokenizer byte"
+    )
+    if os.environ.get("QPF_OFFLINE") == "1":
+        raise MissingDataError(f"GPT-2 ranks not found and QPF_OFFLINE=1: {hint}")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as err:  # requests/urllib errors when offline, blocked, or a bad cache
+        why = " ".join(str(err).split())[:160]
+        raise MissingDataError(
+            f"GPT-2 ranks not found and tiktoken's download failed ({type(err).__name__}: "
+            f"{why}): {hint}"
+        ) from err
+
+
 class GPT2Tokenizer:
     """GPT-2 BPE through tiktoken: vocab 50257, eos = pad = bos = 50256 (``<|endoftext|>``).
 
@@ -64,6 +89,7 @@ class GPT2Tokenizer:
         import tiktoken
         import tiktoken.load
 
+        data_dir = data_dir or os.environ.get("QPF_DATA_DIR")
         ranks_file = Path(data_dir) / "gpt2" / "gpt2.tiktoken" if data_dir else None
         if ranks_file is not None and ranks_file.is_file():
             self._enc = tiktoken.Encoding(
@@ -74,7 +100,7 @@ class GPT2Tokenizer:
                 explicit_n_vocab=self.vocab_size,
             )
         else:
-            self._enc = tiktoken.get_encoding("gpt2")
+            self._enc = _tiktoken_gpt2(ranks_file)
         # Byte length of every id, so per-token byte counts are one gather.
         self._nbytes = np.array(
             [len(self._enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from qpf.config import ConfigError
 from qpf.data.tokenizers import Tokenizer
-from qpf.generation.core import input_mode, patch_size, prefill
+from qpf.generation.core import input_mode, patch_size, prefill, start_state
 from qpf.generation.decode import beam_search
 from qpf.generation.text import generate_text
 from qpf.sampling import DEFAULT_SAMPLING, SamplingConfig
@@ -107,14 +107,40 @@ def check_generatable(module: nn.Module, prompt_len: int, options: GenerateOptio
         )
 
 
+def prefill_reporting(
+    module: nn.Module,
+    params,
+    row: jnp.ndarray,
+    options: GenerateOptions,
+    report: Callable[[str], None] | None = None,
+):
+    """``prefill`` of ``row`` [1, T] chunk by chunk with the carried state, reporting
+    ``prefill: a/T tokens`` after each chunk when the prompt spans several chunks."""
+    t = row.shape[1]
+    max_len = t + options.max_new_tokens
+    if report is None or t <= options.chunk_size:
+        return prefill(module, params, row, chunk_size=options.chunk_size, max_len=max_len)
+    state, out = start_state(module, 1, max_len), None
+    for a in range(0, t, options.chunk_size):
+        b = min(a + options.chunk_size, t)
+        out = prefill(module, params, row[:, a:b], state, chunk_size=options.chunk_size)
+        state = out[1]
+        report(f"prefill: {b}/{t} prompt tokens ({100 * b // t}%)")
+    return out
+
+
 def stream_loaded(
-    run: LoadedRun, prompt: str | Sequence[int], options: GenerateOptions = GenerateOptions()
+    run: LoadedRun,
+    prompt: str | Sequence[int],
+    options: GenerateOptions = GenerateOptions(),
+    report: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield (sample index, text piece) as the continuation of ``prompt`` is generated.
 
     Samples come one after another (index 0, 1, ...), each opened by an empty piece
     ``(i, "")``; beam search yields its best beam once it has finished (beams are only
-    ranked at the end).
+    ranked at the end). ``report`` (optional) receives status lines: prefill progress of a
+    prompt longer than one chunk, and why each sample stopped.
     """
     tok = run.tokenizer
     ids = encode_prompt(tok, prompt)
@@ -139,22 +165,24 @@ def stream_loaded(
             best = best[:-1]
         yield 0, ""
         yield 0, tok.decode(best)
+        if report is not None:
+            report(f"beam search finished: {len(best)} tokens")
         return
     # One prefill, shared by every sample (the state is an immutable value).
-    prefilled = prefill(
-        run.module,
-        run.params,
-        row,
-        chunk_size=options.chunk_size,
-        max_len=len(ids) + options.max_new_tokens,
-    )
+    prefilled = prefill_reporting(run.module, run.params, row, options, report)
     for i in range(options.num_samples):
         yield i, ""
+        made = [0]  # tokens generated so far (EOS excluded), seen through decode_ids
+
+        def decode(ids: Sequence[int], made: list[int] = made) -> str:
+            made[0] = len(ids)
+            return tok.decode(ids)
+
         pieces = generate_text(
             run.module,
             run.params,
             ids,
-            decode_ids=tok.decode,
+            decode_ids=decode,
             max_new_tokens=options.max_new_tokens,
             config=options.sampling,
             seed=options.seed + i,
@@ -165,6 +193,15 @@ def stream_loaded(
         )
         for piece in pieces:
             yield i, piece
+        if report is not None:
+            report(_stop_reason(i, made[0], options))
+
+
+def _stop_reason(index: int, made: int, options: GenerateOptions) -> str:
+    which = f"sample {index}: " if options.num_samples > 1 else ""
+    if made < options.max_new_tokens:
+        return f"{which}stopped at end-of-text after {made} tokens"
+    return f"{which}stopped at --max-new-tokens ({made} tokens)"
 
 
 def stream_from_run(

@@ -21,6 +21,24 @@ from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig
 
 NAN_POLICIES = ("stop", "skip")
+RUN_SECTIONS = ("model", "model_config", "data", "optim", "loss", "train")
+
+# What a resumed run may not change: everything that shapes the parameters or the model's
+# function (the model and its config, except the compute dtype and dropout rate) and
+# everything that changes the data stream (which windows, in which order, tokenized how).
+# Paths, worker counts and the loop schedule may change freely.
+RESUME_FREE_MODEL_FIELDS = ("dtype", "dropout")
+RESUME_FIXED_DATA_FIELDS = (
+    "corpus",
+    "tokenizer",
+    "seq_len",
+    "batch_size",
+    "mode",
+    "seed",
+    "eval_fraction",
+    "eval_split",
+    "tokenizer_options",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +128,23 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Inverse of ``to_dict``; a missing or malformed section is a ``ConfigError``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a run config is a JSON object, got {type(data).__name__}")
+        missing = [s for s in RUN_SECTIONS if s not in data]
+        if missing:
+            raise ConfigError(f"missing section(s) {', '.join(missing)}")
+        if not isinstance(data["model"], str):
+            raise ConfigError(f"model = {data['model']!r} is invalid: allowed 'family:preset'")
         family = get_family(data["model"].rpartition(":")[0] or "qpf")
-        return cls(
-            model=data["model"],
-            model_config=cfgs.from_dict(family.config_cls, data["model_config"]),
-            data=cfgs.from_dict(DataConfig, data["data"]),
-            optim=cfgs.from_dict(OptimConfig, data["optim"]),
-            loss=cfgs.from_dict(LossConfig, data["loss"]),
-            train=cfgs.from_dict(TrainConfig, data["train"]),
-        )
+        sections = {"model_config": family.config_cls, "data": DataConfig, "optim": OptimConfig}
+        sections |= {"loss": LossConfig, "train": TrainConfig}
+        built = {}
+        for name, config_cls in sections.items():
+            if not isinstance(data[name], Mapping):
+                raise ConfigError(f"section {name} is not a JSON object")
+            built[name] = cfgs.from_dict(config_cls, data[name])
+        return cls(model=data["model"], **built)
 
     def with_overrides(self, overrides: Mapping[str, str]) -> RunConfig:
         """Apply ``section.field=value`` overrides (sections: model, data, optim, loss, train)."""
@@ -176,3 +202,36 @@ def peak_lr(run: RunConfig) -> float:
         if run.optim.lr is not None
         else run.family.preset(run.model.rpartition(":")[2]).learning_rate
     )
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}"))
+        return out
+    return {prefix: tree}
+
+
+def resume_differences(saved: RunConfig, requested: RunConfig) -> list[str]:
+    """``field: saved -> requested`` for each difference that forbids resuming ``saved``.
+
+    Differences in the model (``model``, any ``model`` field but the compute dtype and
+    dropout) or in the data stream (``RESUME_FIXED_DATA_FIELDS``) are listed.
+    """
+    out = []
+    if saved.model != requested.model:  # another preset: its field differences say no more
+        out.append(f"model: {saved.model} -> {requested.model}")
+    else:
+        old = _flatten(cfgs.to_dict(saved.model_config), "model")
+        new = _flatten(cfgs.to_dict(requested.model_config), "model")
+        for key in sorted(set(old) | set(new)):
+            if key.split(".")[1] in RESUME_FREE_MODEL_FIELDS:
+                continue
+            if old.get(key) != new.get(key):
+                out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    for name in RESUME_FIXED_DATA_FIELDS:
+        a, b = getattr(saved.data, name), getattr(requested.data, name)
+        if cfgs.to_dict(a) != cfgs.to_dict(b):
+            out.append(f"data.{name}: {a!r} -> {b!r}")
+    return out

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qpf.config import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -34,7 +36,14 @@ def initialize_distributed(
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
         process_id = int(os.environ["JAX_PROCESS_ID"])
-    if coordinator_address is None and (num_processes or 1) == 1:
+    if num_processes is not None and (isinstance(num_processes, bool) or num_processes < 1):
+        raise ConfigError(f"--num-processes = {num_processes} is invalid: allowed an int >= 1")
+    if process_id is not None and not 0 <= process_id < (num_processes or 1):
+        raise ConfigError(
+            f"--process-id = {process_id} is invalid: allowed 0 <= id < --num-processes "
+            f"({num_processes})"
+        )
+    if coordinator_address is None and (num_processes is None or num_processes == 1):
         return
     if coordinator_address is None or num_processes is None or process_id is None:
         raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,17 @@ class MetricsLogger:
     """Appends ``{"step": s, "train/loss": ..., ...}`` lines and mirrors scalars to TensorBoard.
 
     Only the process that owns the run directory (process 0) should create one.
+    keep_until: a resumed run's step: records of later steps (written before an interruption
+    and about to be replayed) are dropped first, so every step has one record.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, tensorboard: bool = True, keep_until: int | None = None
+    ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until is not None and self.path.exists():
+            _truncate_after(self.path, keep_until)
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -61,6 +68,24 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (atomically; untouched when there are none)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip() or _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", -1))
+    except (ValueError, AttributeError):
+        return -1  # an unparsable line (a crash mid-write) is kept as it was
 
 
 def read_metrics(run_dir: Path, name: str = "metrics") -> list[dict[str, Any]]:

@@ -3,15 +3,16 @@
 ``RUN_DIR/config.json`` holds the run config with the model config already fitted to the
 tokenizer (``fit_model_to_tokenizer`` runs before the trainer writes it), so the module is
 rebuilt from it exactly as trained; the tokenizer is rebuilt by name and checked against it.
-The checkpoint is restored into an abstract ``TrainState`` made with the run's own optimizer
-(shapes only, nothing is initialised), because Orbax's ``StandardRestore`` needs the saved
-tree's exact structure; only the params are kept.
+Only the ``params`` subtree of the checkpoint is read (Orbax partial restore into the
+module's abstract parameters: shapes only, nothing initialised); the optimizer state stays
+on disk. Nothing in the run directory is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ from flax import linen as nn
 from qpf.config import ConfigError
 from qpf.data.tokenizers import Tokenizer, get_tokenizer
 from qpf.training.checkpoint import CheckpointError, RunCheckpoints
-from qpf.training.config import RunConfig, fit_model_to_tokenizer, peak_lr
-from qpf.training.optim import make_optimizer
-from qpf.training.step import init_train_state
+from qpf.training.config import RunConfig, fit_model_to_tokenizer
 
 CHECKPOINT_CHOICES = ("latest", "best")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -46,22 +47,61 @@ class LoadedRun:
     run_dir: Path
 
 
-def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
-    """``RUN_DIR/config.json`` as a ``RunConfig``; clear errors for a missing run."""
+def read_run_config(run_dir: str | os.PathLike, recover: bool = True) -> RunConfig:
+    """``RUN_DIR/config.json`` as a ``RunConfig``, with a one-line error for every fault.
+
+    A missing ``config.json`` is recovered (read-only) from the newest checkpoint's meta
+    when ``recover`` is set, with a warning; a malformed or incomplete one is an error that
+    names the file and how to get it back.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
     path = run_dir / "config.json"
     if not path.is_file():
-        raise ConfigError(
-            f"{path} not found: {run_dir} is not a training run directory "
-            f"(train first: python -m experiments.train --run-dir {run_dir})"
-        )
+        found = recovered_config(run_dir) if recover else None
+        if found is None:
+            raise ConfigError(
+                f"{path} not found and no readable checkpoint holds the run config: "
+                f"{run_dir} is not a training run directory "
+                f"(train first: python -m experiments.train --run-dir {run_dir})"
+            )
+        step, run = found
+        log.warning("%s is missing: using the run config saved in checkpoint step %d", path, step)
+        return run
     try:
-        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        why = f"{type(err).__name__}: {err}"
-        raise ConfigError(f"{path} is not a valid run config ({why})") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); {_FIX_CONFIG}") from err
+    try:
+        return RunConfig.from_dict(data)
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{path} is not a valid run config ({err}); {_FIX_CONFIG}") from err
+
+
+_FIX_CONFIG = (
+    "move it away (e.g. to config.json.bad): --resume and generate then use the config "
+    "saved in the newest checkpoint, and --resume writes it back"
+)
+
+
+def recovered_config(run_dir: str | os.PathLike) -> tuple[int, RunConfig] | None:
+    """(step, config) from the newest checkpoint (``checkpoints/``, else ``best/``) whose
+    meta holds a valid run config; None when there is none. Writes nothing."""
+    run_dir = Path(run_dir)
+    if not any((run_dir / sub).is_dir() for sub in ("checkpoints", "best")):
+        return None
+    checkpoints = RunCheckpoints(run_dir, read_only=True)
+    try:
+        for which in ("last", "best"):
+            for step in checkpoints.steps(which):
+                try:
+                    return step, RunConfig.from_dict(checkpoints.read_meta(step, which)["config"])
+                except Exception as err:  # unreadable or foreign: try the next older
+                    log.warning("checkpoint %s step %d holds no run config (%s)", which, step, err)
+    finally:
+        checkpoints.close()
+    return None
 
 
 def run_tokenizer(run: RunConfig, data_dir: str | os.PathLike | None = None) -> Tokenizer:
@@ -113,28 +153,25 @@ def load_run(
     sub = "checkpoints" if which == "latest" else "best"
     if not (run_dir / sub).is_dir() or not any((run_dir / sub).iterdir()):
         raise CheckpointError(_no_checkpoint(run_dir, which))
-    tx, _ = make_optimizer(run.optim, peak_lr(run), run.train.steps)
-    example = _example_input(run)
     abstract = jax.eval_shape(
-        lambda x: init_train_state(module, tx, run.train.seed, x, run.train.metrics),
-        example,
+        lambda x: module.init(jax.random.key(run.train.seed), x)["params"], _example_input(run)
     )
     # Restore onto this host's first device, whatever sharding the run was trained with.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract
     )
-    checkpoints = RunCheckpoints(run_dir)
+    checkpoints = RunCheckpoints(run_dir, read_only=True)
     try:
-        restored = checkpoints.restore_latest(
+        restored = checkpoints.restore_params(
             abstract, which="last" if which == "latest" else "best"
         )
     finally:
         checkpoints.close()
     if restored is None:
         raise CheckpointError(_no_checkpoint(run_dir, which))
-    step, state, _meta = restored
-    return LoadedRun(module, {"params": state.params}, run, tokenizer, int(step), run_dir)
+    step, params = restored
+    return LoadedRun(module, {"params": params}, run, tokenizer, int(step), run_dir)
 
 
 def _no_checkpoint(run_dir: Path, which: str) -> str:
