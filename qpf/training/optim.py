@@ -15,6 +15,9 @@ import jax
 import optax
 
 from qpf.config import ConfigError
+from qpf.training.rgd import rgd
+
+OPTIMIZERS = ("adamw", "rgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +27,9 @@ class OptimConfig:
     lr: peak learning rate (None: the preset's). warmup_steps: linear warmup from 0.
     min_lr_ratio: cosine floor as a fraction of lr. clip_norm: global-norm clip (0 = off).
     grad_accum: micro-batches per optimizer step (the batch is split along its rows).
+    name: 'adamw' or 'rgd' (Resonant Gradient Descent, ``qpf.training.rgd``: AdamW plus a
+      2-D FFT gate of the update of every rank >= 2 parameter; resonance_strength s in
+      [0, 1], reached linearly over resonance_warmup optimizer steps).
     decay_steps: the cosine's horizon in optimizer steps; None = the run's ``train.steps``
       when it starts (recorded then, so a resumed or extended run keeps its schedule).
     """
@@ -38,6 +44,9 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0
     grad_accum: int = 1
+    name: str = "adamw"
+    resonance_strength: float = 0.3
+    resonance_warmup: int = 500
 
     def __post_init__(self) -> None:
         checks = {
@@ -52,6 +61,10 @@ class OptimConfig:
             "grad_accum": isinstance(self.grad_accum, int) and self.grad_accum >= 1,
             "decay_steps": self.decay_steps is None
             or (isinstance(self.decay_steps, int) and self.decay_steps >= 1),
+            "name": self.name in OPTIMIZERS,
+            "resonance_strength": 0 <= self.resonance_strength <= 1,
+            "resonance_warmup": isinstance(self.resonance_warmup, int)
+            and self.resonance_warmup >= 0,
         }
         allowed = {
             "lr": "> 0 or null",
@@ -64,6 +77,9 @@ class OptimConfig:
             "clip_norm": ">= 0 (0 disables clipping)",
             "grad_accum": "an int >= 1",
             "decay_steps": "an int >= 1 or null",
+            "name": " or ".join(OPTIMIZERS),
+            "resonance_strength": "in [0, 1]",
+            "resonance_warmup": "an int >= 0",
         }
         for name, ok in checks.items():
             if not ok:
@@ -115,11 +131,25 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(
     cfg: OptimConfig, peak_lr: float, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The chained optimizer (clip -> AdamW with masked decay) and its LR schedule."""
+    """The chained optimizer (clip -> AdamW or RGD with masked decay) and its LR schedule."""
     schedule = lr_schedule(cfg, peak_lr, total_steps)
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    if cfg.name == "rgd":
+        parts.append(
+            rgd(
+                schedule,
+                b1=cfg.b1,
+                b2=cfg.b2,
+                eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+                resonance_strength=cfg.resonance_strength,
+                resonance_warmup=cfg.resonance_warmup,
+                mask=decay_mask,
+            )
+        )
+        return optax.chain(*parts), schedule
     parts.append(
         optax.adamw(
             schedule,
