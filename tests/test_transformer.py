@@ -175,7 +175,8 @@ def qpf_count(name: str) -> int:
     return parameter_report(get_preset(name).model)["total"]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+# "classic" is the Wave-Native GPT benchmark baseline (tests/test_wavegpt.py), not a qpf match.
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"classic"}))
 def test_preset_parameter_counts_match_qpf_within_ten_percent(name):
     count = family_param_count(TRANSFORMER_FAMILY, PRESETS[name].model)
     assert abs(count / qpf_count(name) - 1) < 0.10, (name, count, qpf_count(name))

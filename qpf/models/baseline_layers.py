@@ -23,15 +23,17 @@ DTYPES: dict[str, Dtype] = {
     "bfloat16": jnp.bfloat16,
     "float64": jnp.float64,
 }
-NORMS = ("rmsnorm", "layernorm")
+NORMS = ("rmsnorm", "layernorm", "torch_layernorm")
 NORM_EPS = 1e-6
+TORCH_LN_EPS = 1e-5  # torch.nn.LayerNorm's default (the Wave-Native GPT classic baseline)
 
 # GPT-2 / nanodo initialisation: N(0, 0.02) weights, zero biases, unit norm scales.
 normal_002 = nn.initializers.normal(stddev=0.02)
 
 
 class Norm(nn.Module):
-    """RMSNorm (scale only) or LayerNorm (scale and shift) over the last axis.
+    """RMSNorm (scale only) or LayerNorm (scale and shift) over the last axis; eps 1e-6
+    ('torch_layernorm': LayerNorm with torch's eps 1e-5).
 
     ``[..., d]`` -> ``[..., d]`` in the input dtype; statistics in float32.
     """
@@ -48,11 +50,12 @@ class Norm(nn.Module):
         if self.kind == "rmsnorm":
             y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + NORM_EPS)
             y = y * scale.astype(acc)
-        elif self.kind == "layernorm":
+        elif self.kind in ("layernorm", "torch_layernorm"):
+            eps = NORM_EPS if self.kind == "layernorm" else TORCH_LN_EPS
             mu = jnp.mean(xf, -1, keepdims=True)
             var = jnp.mean(jnp.square(xf - mu), -1, keepdims=True)
             bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
-            y = (xf - mu) * jax.lax.rsqrt(var + NORM_EPS) * scale.astype(acc) + bias.astype(acc)
+            y = (xf - mu) * jax.lax.rsqrt(var + eps) * scale.astype(acc) + bias.astype(acc)
         else:
             raise ValueError(f"Norm.kind must be one of {', '.join(NORMS)}; got {self.kind!r}")
         return y.astype(x.dtype)

@@ -113,3 +113,99 @@ def load_fixture_model(
     meta = json.loads(str(arrays["config_json"]))
     config = config_from_upstream(meta["kwargs"]["config"], dtype=dtype, param_dtype=dtype)
     return config, params_from_state_dict(state_dict_of(arrays), np.dtype(dtype))
+
+
+# ------------------------------------------------------------------ classic baseline
+
+
+def classic_config(fields: Mapping[str, Any], **overrides: Any) -> Any:
+    """The benchmark's classic ``GPTConfig`` (attention, standard weights) ->
+    ``TransformerConfig`` in the layout of the transformer preset ``classic``."""
+    from qpf.models.transformer import TransformerConfig
+
+    d = int(fields["d_model"])
+    if (
+        fields.get("layer_type", "attention") != "attention"
+        or fields.get("weight_type", "standard") != "standard"
+    ):
+        raise ValueError("only the attention/standard SpectralGPT is the classic baseline")
+    return TransformerConfig(
+        vocab_size=int(fields["vocab_size"]),
+        dim=d,
+        num_layers=int(fields["num_layers"]),
+        num_heads=int(fields["num_heads"]),
+        mlp_ratio=int(fields["d_ff"]) // d,
+        max_len=int(fields["block_size"]),
+        positions="learned",
+        tie_embeddings=False,
+        norm="torch_layernorm",
+        dropout=float(fields["dropout"]),
+        use_bias=True,
+        gelu_exact=True,
+        init="torch",
+        **overrides,
+    )
+
+
+def classic_params_from_state_dict(
+    sd: Mapping[str, np.ndarray], num_heads: int, dtype: Any = np.float32
+) -> Params:
+    """SpectralGPT (``nn.MultiheadAttention`` blocks) state dict -> transformer params."""
+    arr = {k: np.asarray(v).astype(dtype) for k, v in sd.items()}
+    used: set[str] = set()
+
+    def get(name: str) -> np.ndarray:
+        used.add(name)
+        return arr[name]
+
+    d = arr["token_emb.weight"].shape[1]
+    hd = d // num_heads
+
+    def norm(prefix: str) -> Params:
+        return {"scale": get(f"{prefix}.weight"), "bias": get(f"{prefix}.bias")}
+
+    def dense(prefix: str) -> Params:
+        return {"kernel": get(f"{prefix}.weight").T, "bias": get(f"{prefix}.bias")}
+
+    params: Params = {
+        "embed": {"embedding": get("token_emb.weight")},
+        "pos_embed": get("pos_emb.weight"),
+        "final_norm": norm("norm_f"),
+        "lm_head": {"kernel": get("head.weight").T},
+    }
+    i = 0
+    while f"blocks.{i}.norm1.weight" in arr:
+        b = f"blocks.{i}"
+        w_in = get(f"{b}.mixer.in_proj_weight")  # [3d, d]: q, k, v stacked, head-major
+        params[f"blocks_{i}"] = {
+            "attn_norm": norm(f"{b}.norm1"),
+            "mlp_norm": norm(f"{b}.norm2"),
+            "attn": {
+                "qkv": {
+                    "kernel": w_in.reshape(3, num_heads, hd, d).transpose(3, 0, 1, 2),
+                    "bias": get(f"{b}.mixer.in_proj_bias").reshape(3, num_heads, hd),
+                },
+                "out": {
+                    "kernel": get(f"{b}.mixer.out_proj.weight").T.reshape(num_heads, hd, d),
+                    "bias": get(f"{b}.mixer.out_proj.bias"),
+                },
+            },
+            "mlp": {"up": dense(f"{b}.mlp.0"), "down": dense(f"{b}.mlp.3")},
+        }
+        i += 1
+    left = sorted(set(arr) - used)
+    if left:
+        raise ValueError(f"classic state-dict entries without a counterpart: {left}")
+    return params
+
+
+def load_classic_fixture(
+    arrays: Mapping[str, np.ndarray], dtype: str = "float32"
+) -> tuple[Any, Params]:
+    """A classic-baseline fixture -> (TransformerConfig, params) in ``dtype``."""
+    meta = json.loads(str(arrays["config_json"]))
+    config = classic_config(meta["kwargs"]["config"], dtype=dtype, param_dtype=dtype)
+    params = classic_params_from_state_dict(
+        state_dict_of(arrays), config.num_heads, np.dtype(dtype)
+    )
+    return config, params

@@ -136,20 +136,6 @@ def make_optimizer(
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    if cfg.name == "rgd":
-        parts.append(
-            rgd(
-                schedule,
-                b1=cfg.b1,
-                b2=cfg.b2,
-                eps=cfg.eps,
-                weight_decay=cfg.weight_decay,
-                resonance_strength=cfg.resonance_strength,
-                resonance_warmup=cfg.resonance_warmup,
-                mask=decay_mask,
-            )
-        )
-        return optax.chain(*parts), schedule
     parts.append(
         optax.adamw(
             schedule,
@@ -160,4 +146,20 @@ def make_optimizer(
             mask=decay_mask,
         )
     )
+    if cfg.name == "rgd":
+        parts[-1] = _rgd(cfg, schedule)
     return optax.chain(*parts), schedule
+
+
+def _rgd(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """RGD in AdamW's place: same betas, eps, masked decoupled decay and schedule."""
+    return rgd(
+        schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        resonance_strength=cfg.resonance_strength,
+        resonance_warmup=cfg.resonance_warmup,
+        mask=decay_mask,
+    )
