@@ -68,7 +68,9 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def plot_learning_curve(records: Sequence[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    # Trainer runs log "train/loss"; in-process loops may log "loss".
+    train = [(r["step"], r.get("train/loss", r.get("loss"))) for r in records]
+    train = [(s, v) for s, v in train if v is not None]
     val = [(r["step"], r["val/loss"]) for r in records if "val/loss" in r]
     if train:
         s, v = np.array(train).T
