@@ -113,7 +113,9 @@ def test_attention_matches_numpy_causal_softmax_reference(positions):
 
 
 def test_spec_presets_match_qpf_parameter_counts_within_ten_percent():
-    failures = checks.preset_count_failures(TRANSFORMER_FAMILY, PRESETS)  # not "test"
+    failures = checks.preset_count_failures(
+        TRANSFORMER_FAMILY, {k: v for k, v in PRESETS.items() if k != "classic"}
+    )  # not "test"; "classic" is the Wave-Native GPT benchmark's baseline
     assert not failures, "\n".join(failures)
 
 

@@ -18,26 +18,25 @@ from qpf.models.contract import DTYPES
 Array = jax.Array
 Dtype = Any
 
-NORMS = ("rmsnorm", "layernorm")
+NORMS = ("rmsnorm", "layernorm", "torch_layernorm")
 NORM_EPS = 1e-6
+TORCH_LN_EPS = 1e-5  # torch.nn.LayerNorm's default (the Wave-Native GPT classic baseline)
 
 # GPT-2 / nanodo initialisation: N(0, 0.02) weights, zero biases, unit norm scales.
 normal_002 = nn.initializers.normal(stddev=0.02)
 
 
 def norm(c: Any, name: str) -> nn.Module:
-    """The config's norm (``c.norm``) over the last axis: Flax's RMSNorm or LayerNorm.
+    """The config's norm (``c.norm``) over the last axis: Flax's RMSNorm or LayerNorm
+    (eps 1e-6; 'torch_layernorm' is LayerNorm with torch's eps 1e-5).
 
     ``[..., d]`` -> ``[..., d]`` in the compute dtype ``c.dtype``; statistics in float32
     (float64 under x64); parameters ``scale`` (and ``bias`` for LayerNorm) in
     ``c.param_dtype``. LayerNorm uses the two-pass variance E[(x - mean)²].
     """
-    kw = {"epsilon": NORM_EPS, "dtype": DTYPES[c.dtype], "param_dtype": DTYPES[c.param_dtype]}
-    if c.norm == "rmsnorm":
-        return nn.RMSNorm(**kw, name=name)
-    if c.norm == "layernorm":
-        return nn.LayerNorm(**kw, use_fast_variance=False, name=name)
-    raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {c.norm!r}")
+
+
+NORMS = ("rmsnorm", "layernorm", "torch_layernorm")
 
 
 def validate_common(cfg: Any) -> None:

@@ -108,6 +108,7 @@ def _ensure_registered() -> None:
         "qpf.models.transformer",
         "qpf.models.diagrnn",
         "qpf.models.lightwave",
+        "qpf.models.wavegpt",
     ):
         importlib.import_module(module)
 

@@ -40,6 +40,7 @@ from qpf.models.family import ModelFamily, Preset, register_family
 Array = jax.Array
 
 POSITIONS = ("rotary", "learned")
+INITS = ("gpt2", "torch")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
@@ -55,6 +56,12 @@ class TransformerConfig:
     and bfloat16/float16 compute.
     dtype: compute dtype of GEMMs (parameters stay ``param_dtype``); norms, attention
     logits and softmax are float32.
+    use_bias: biases in the attention and MLP projections. gelu_exact: erf GELU instead of
+    the tanh form. init: 'gpt2' (N(0, 0.02), residual projections scaled by 1/sqrt(2L)) or
+    'torch' (PyTorch module defaults: N(0, 1) tables, Kaiming-uniform U(±1/sqrt(fan_in))
+    linears and biases, Xavier-uniform fused q/k/v with zero bias, zero output-projection
+    bias; the shared LM head keeps N(0, 0.02)). These serve the Wave-Native GPT's classic
+    baseline (preset ``classic``, spec other_seeds §2.9).
     """
 
     vocab_size: int = 50257
@@ -72,9 +79,15 @@ class TransformerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     matmul_precision: str = "default"
+    use_bias: bool = False
+    gelu_exact: bool = False
+    init: str = "gpt2"
 
     def __post_init__(self) -> None:
         validate_common(self)
+        one_of(self, "init", INITS)
+        for flag in ("use_bias", "gelu_exact"):
+            require(isinstance(getattr(self, flag), bool), self, flag, "a bool")
         positive_int(self, "num_heads", "mlp_ratio", "max_len")
         one_of(self, "positions", POSITIONS)
         one_of(self, "attention_impl", ATTENTION_IMPLS)
@@ -145,8 +158,8 @@ class CausalSelfAttention(nn.Module):
         dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
         qkv = nn.DenseGeneral(
             (3, c.num_heads, c.head_dim),
-            use_bias=False,
-            kernel_init=normal_002,
+            use_bias=c.use_bias,
+            kernel_init=_uniform(math.sqrt(6.0 / (4 * c.dim))) if c.init == "torch" else normal_002,
             dtype=dt,
             param_dtype=pdt,
             name="qkv",
@@ -179,8 +192,8 @@ class CausalSelfAttention(nn.Module):
         y = nn.DenseGeneral(
             c.dim,
             axis=(-2, -1),
-            use_bias=False,
-            kernel_init=_residual_init(c),
+            use_bias=c.use_bias,
+            kernel_init=_residual_init(c, c.dim),
             dtype=dt,
             param_dtype=pdt,
             name="out",
@@ -188,10 +201,25 @@ class CausalSelfAttention(nn.Module):
         return y, new_kv
 
 
-def _residual_init(c: TransformerConfig) -> nn.initializers.Initializer:
+def _residual_init(c: TransformerConfig, fan_in: int) -> nn.initializers.Initializer:
     # GPT-2: residual-branch output projections scaled by 1/sqrt(2L) so the residual
     # stream's variance does not grow with depth at init.
+    if c.init == "torch":
+        return _uniform(1.0 / math.sqrt(fan_in))
     return nn.initializers.normal(stddev=0.02 / math.sqrt(2 * c.num_layers))
+
+
+def _uniform(bound: float) -> nn.initializers.Initializer:
+    """U(-bound, bound) (torch's Kaiming-uniform default for nn.Linear is 1/sqrt(fan_in))."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _table_init(c: TransformerConfig) -> nn.initializers.Initializer:
+    return nn.initializers.normal(1.0) if c.init == "torch" else normal_002
 
 
 class MLP(nn.Module):
@@ -202,10 +230,20 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.cfg
-        kw = {"use_bias": False, "dtype": DTYPES[c.dtype], "param_dtype": DTYPES[c.param_dtype]}
-        h = nn.Dense(c.mlp_ratio * c.dim, kernel_init=normal_002, name="up", **kw)(x)
-        h = jax.nn.gelu(h, approximate=True)
-        return nn.Dense(c.dim, kernel_init=_residual_init(c), name="down", **kw)(h)
+        kw = {
+            "use_bias": c.use_bias,
+            "dtype": DTYPES[c.dtype],
+            "param_dtype": DTYPES[c.param_dtype],
+        }
+        hidden = c.mlp_ratio * c.dim
+        up_init = _uniform(1.0 / math.sqrt(c.dim)) if c.init == "torch" else normal_002
+        if c.init == "torch":
+            kw["bias_init"] = up_init
+        h = nn.Dense(hidden, kernel_init=up_init, name="up", **kw)(x)
+        h = jax.nn.gelu(h, approximate=not c.gelu_exact)
+        if c.init == "torch":
+            kw["bias_init"] = _uniform(1.0 / math.sqrt(hidden))
+        return nn.Dense(c.dim, kernel_init=_residual_init(c, hidden), name="down", **kw)(h)
 
 
 class Block(nn.Module):
@@ -251,11 +289,16 @@ class Transformer(nn.Module):
             raise ValueError(f"{t} tokens exceed max_len={c.max_len} of the learned positions")
 
         embed = nn.Embed(
-            c.vocab_size, c.dim, embedding_init=normal_002, dtype=dt, param_dtype=pdt, name="embed"
+            c.vocab_size,
+            c.dim,
+            embedding_init=_table_init(c),
+            dtype=dt,
+            param_dtype=pdt,
+            name="embed",
         )
         x = embed(inputs)
         if c.positions == "learned":
-            table = self.param("pos_embed", normal_002, (c.max_len, c.dim), pdt)
+            table = self.param("pos_embed", _table_init(c), (c.max_len, c.dim), pdt)
             # Positions past max_len (only reachable with a longer cache) make the
             # logits NaN below rather than silently reusing the last row.
             x = x + jnp.take(table, jnp.minimum(positions, c.max_len - 1), axis=0).astype(dt)
@@ -307,6 +350,29 @@ def _preset(name: str) -> Preset:
 
 
 PRESETS: dict[str, Preset] = {name: _preset(name) for name in _TABLE}
+
+# The Wave-Native GPT benchmark's classic baseline (its prototyping SpectralGPT, spec
+# other_seeds §2.9): V 1024, d 384, L 8, H 8, T 256, learned positions, LayerNorm (eps 1e-5),
+# biased projections, exact GELU, untied bias-free head, PyTorch default init; 15,081,216
+# parameters. Its benchmark trained it with AdamW lr 3e-4, batch 32.
+PRESETS["classic"] = Preset(
+    name="classic",
+    model=TransformerConfig(
+        vocab_size=1024,
+        dim=384,
+        num_layers=8,
+        num_heads=8,
+        max_len=256,
+        positions="learned",
+        tie_embeddings=False,
+        norm="torch_layernorm",
+        use_bias=True,
+        gelu_exact=True,
+        init="torch",
+    ),
+    batch_size=32,
+    learning_rate=3e-4,
+)
 
 # Tiny, prime-ish shapes that compile in seconds: the family-generic tests build this one.
 TEST_PRESET = Preset(

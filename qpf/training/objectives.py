@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from qpf import losses
 from qpf.config import ConfigError
+from qpf.training import qfe
 
 Array = jax.Array
 
@@ -25,6 +26,8 @@ class LossConfig:
 
     energy: weight of mean(|z| - energy_target)² over phase states (off by default, as
     upstream). affix: weight of the prefix + suffix CE in morphological mode (0.3 upstream).
+    qfe: weight λ of the Wave-Native GPT's spectral coherence (``qpf.training.qfe``; its
+    benchmark used 0.05, off by default); qfe_threshold: its amplitude gate τ_A.
     """
 
     ce: float = 1.0
@@ -33,6 +36,8 @@ class LossConfig:
     energy: float = 0.0
     energy_target: float = 1.0
     affix: float = 0.3
+    qfe: float = 0.0
+    qfe_threshold: float = 0.01
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -82,13 +87,29 @@ def objective_terms(out: Any, tokens: Array, mask: Array, cfg: LossConfig) -> di
         pre, _ = losses.token_cross_entropy(out.prefix_logits[:, :-1], tokens[:, 1:, 1], tmask)
         suf, _ = losses.token_cross_entropy(out.suffix_logits[:, :-1], tokens[:, 1:, 2], tmask)
         terms["affix"] = (pre + suf) / jnp.maximum(count, 1.0)
+    terms["qfe"] = qfe_term(out.logits[:, :-1], targets, tmask, cfg)
     return terms
+
+
+def qfe_term(logits: Array, targets: Array, tmask: Array, cfg: LossConfig) -> Array:
+    """The QFE coherence of next-token logits ``[B, T-1, V]`` (0 when its weight is 0).
+
+    V > 256 uses the fixed random projection, as the original does.
+    """
+    if cfg.qfe == 0:
+        return jnp.zeros((), jnp.float32)
+    v = logits.shape[-1]
+    proj = qfe.qfe_projection(v) if v > qfe.PROJECTION_DIM else None
+    return qfe.spectral_coherence(
+        logits, targets, threshold=cfg.qfe_threshold, projection=proj, mask=tmask
+    )
 
 
 def total_loss(terms: dict[str, Array], cfg: LossConfig) -> Array:
     """Σ weight·term over the configured objectives."""
     total = cfg.ce * terms["ce"] + cfg.coherence * terms["coherence"]
     total = total + cfg.coupling * terms["coupling"] + cfg.energy * terms["energy"]
+    total = total + cfg.qfe * terms.get("qfe", 0.0)
     if "affix" in terms:
         total = total + cfg.affix * terms["affix"]
     return total

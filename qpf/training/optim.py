@@ -14,7 +14,10 @@ from typing import Any
 import jax
 import optax
 
-from qpf.config import nonnegative_int, positive_int, rate, require
+from qpf.config import nonnegative_int, one_of, positive_int, rate, require
+from qpf.training.rgd import rgd
+
+OPTIMIZERS = ("adamw", "rgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +27,9 @@ class OptimConfig:
     lr: peak learning rate (None: the preset's). warmup_steps: linear warmup from 0.
     min_lr_ratio: cosine floor as a fraction of lr. clip_norm: global-norm clip (0 = off).
     grad_accum: micro-batches per optimizer step (the batch is split along its rows).
+    name: 'adamw' or 'rgd' (Resonant Gradient Descent, ``qpf.training.rgd``: AdamW plus a
+      2-D FFT gate of the update of every rank >= 2 parameter; resonance_strength s in
+      [0, 1], reached linearly over resonance_warmup optimizer steps).
     decay_steps: the cosine's horizon in optimizer steps; None = the run's ``train.steps``
       when it starts (recorded then, so a resumed or extended run keeps its schedule).
     """
@@ -38,6 +44,9 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0
     grad_accum: int = 1
+    name: str = "adamw"
+    resonance_strength: float = 0.3
+    resonance_warmup: int = 500
 
     def __post_init__(self) -> None:
         require(self.lr is None or self.lr > 0, self, "lr", "> 0 or null")
@@ -50,6 +59,9 @@ class OptimConfig:
         require(self.clip_norm >= 0, self, "clip_norm", ">= 0 (0 disables clipping)")
         if self.decay_steps is not None:
             positive_int(self, "decay_steps")
+        one_of(self, "name", OPTIMIZERS)
+        require(0 <= self.resonance_strength <= 1, self, "resonance_strength", "in [0, 1]")
+        nonnegative_int(self, "resonance_warmup")
 
 
 def lr_schedule(cfg: OptimConfig, peak_lr: float, total_steps: int) -> optax.Schedule:
@@ -94,7 +106,7 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(
     cfg: OptimConfig, peak_lr: float, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The chained optimizer (clip -> AdamW with masked decay) and its LR schedule."""
+    """The chained optimizer (clip -> AdamW or RGD with masked decay) and its LR schedule."""
     schedule = lr_schedule(cfg, peak_lr, total_steps)
     parts = []
     if cfg.clip_norm > 0:
@@ -109,4 +121,20 @@ def make_optimizer(
             mask=decay_mask,
         )
     )
+    if cfg.name == "rgd":
+        parts[-1] = _rgd(cfg, schedule)
     return optax.chain(*parts), schedule
+
+
+def _rgd(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """RGD in AdamW's place: same betas, eps, masked decoupled decay and schedule."""
+    return rgd(
+        schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        resonance_strength=cfg.resonance_strength,
+        resonance_warmup=cfg.resonance_warmup,
+        mask=decay_mask,
+    )

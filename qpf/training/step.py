@@ -26,7 +26,7 @@ Batch = dict[str, Array]
 Metrics = dict[str, Array]
 
 # Logged per step besides the loss; each is a mean over micro-batches.
-AUX_TERMS = ("ce", "coherence", "coupling", "energy", "affix")
+AUX_TERMS = ("ce", "coherence", "coupling", "energy", "affix", "qfe")
 
 
 @flax.struct.dataclass
@@ -111,6 +111,7 @@ def make_train_step(
             + loss_cfg.coupling * aux["coupling"]
             + loss_cfg.energy * aux["energy"]
             + loss_cfg.affix * aux.get("affix", 0.0)
+            + loss_cfg.qfe * aux["qfe"]
         ) / grad_accum
         return loss, {**aux, "ce_sum": terms["ce_sum"], "tokens": terms["tokens"]}
 
