@@ -40,8 +40,10 @@ class Preset:
 
     @property
     def tokenizer(self) -> str:
-        """Default tokenizer: 'byte' for byte-vocabulary presets (259), else 'gpt2'."""
-        return "byte" if self.model.vocab_size == 259 else "gpt2"
+        """Default tokenizer: 'byte' for byte-vocabulary presets (259, or 256 raw bytes as
+        an original's preset records it; the trainer then fits the vocabulary to 259), else
+        'gpt2'."""
+        return "byte" if self.model.vocab_size in (256, 259) else "gpt2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,8 @@ class ModelFamily:
     init_state: (config, batch_size, max_len) -> zero decoding state at position 0;
       ``max_len`` bounds the positions a cache must hold (ignored by recurrent models).
     presets: name -> Preset.
+    trainable: optional (config, params) -> bool pytree (True: the optimizer updates it)
+      or None (everything trains); frozen parameters get no optimizer state.
     """
 
     name: str
@@ -61,6 +65,7 @@ class ModelFamily:
     build: Callable[[Any], nn.Module]
     init_state: Callable[[Any, int, int], State]
     presets: Mapping[str, Preset]
+    trainable: Callable[[Any, Any], Any] | None = None
 
     def preset(self, name: str) -> Preset:
         if name not in self.presets:
@@ -80,7 +85,12 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def _ensure_registered() -> None:
     # Importing the modules registers their families (qpf first, then the baselines).
-    for module in ("qpf.presets", "qpf.models.transformer", "qpf.models.diagrnn"):
+    for module in (
+        "qpf.presets",
+        "qpf.models.transformer",
+        "qpf.models.diagrnn",
+        "qpf.models.qllm",
+    ):
         importlib.import_module(module)
 
 
