@@ -56,8 +56,8 @@ class ModelFamily:
     init_state: (config, batch_size, max_len) -> zero decoding state at position 0;
       ``max_len`` bounds the positions a cache must hold (ignored by recurrent models).
     presets: name -> Preset.
-    trainable: optional (config, params) -> bool pytree (True: the optimizer updates it)
-      or None (everything trains); frozen parameters get no optimizer state.
+    trainable: optional config -> (params -> bool pytree, True where the optimizer
+      updates) or None when everything trains; frozen parameters get no optimizer state.
     """
 
     name: str
@@ -65,7 +65,7 @@ class ModelFamily:
     build: Callable[[Any], nn.Module]
     init_state: Callable[[Any, int, int], State]
     presets: Mapping[str, Preset]
-    trainable: Callable[[Any, Any], Any] | None = None
+    trainable: Callable[[Any], Callable[[Any], Any] | None] | None = None
 
     def preset(self, name: str) -> Preset:
         if name not in self.presets:

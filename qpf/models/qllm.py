@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -434,20 +435,22 @@ def init_state(config: QLLMConfig, batch_size: int, max_len: int | None = None) 
     return {"pos": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
 
-def trainable_mask(config: QLLMConfig, params: Any) -> Any | None:
-    """Bool pytree over ``params``: True where the optimizer updates (None = everything).
-
-    Under ``lora_train_only`` only the LoRA factors, token/position tables, global memory
-    and θ train (upstream's rule); base linears, norms and the head are frozen.
-    """
-    if not config.lora_train_only:
-        return None
+def trainable_mask(params: Any) -> Any:
+    """Bool pytree over ``params``: True for the LoRA factors, token/position tables, global
+    memory and θ (upstream's ``lora_train_only`` rule); base linears, norms and the head
+    are False (frozen)."""
 
     def leaf(path: tuple, _: Any) -> bool:
         last = path[-1]
         return str(getattr(last, "key", getattr(last, "name", last))) in LORA_TRAINABLE
 
     return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def trainable(config: QLLMConfig) -> Callable[[Any], Any] | None:
+    """The family's frozen-parameter rule: ``trainable_mask`` under ``lora_train_only``,
+    else None (everything trains)."""
+    return trainable_mask if config.lora_train_only else None
 
 
 # --------------------------------------------------------------------------- presets
@@ -524,6 +527,6 @@ QLLM_FAMILY = register_family(
         build=lambda config: QLLM(config=config),
         init_state=init_state,
         presets=PRESETS,
-        trainable=trainable_mask,
+        trainable=trainable,
     )
 )
