@@ -38,8 +38,10 @@ class Preset:
 
     @property
     def tokenizer(self) -> str:
-        """Default tokenizer: 'byte' for byte-vocabulary presets (259), else 'gpt2'."""
-        return "byte" if self.model.vocab_size == 259 else "gpt2"
+        """Default tokenizer: 'byte' for byte-vocabulary presets (259, or 256 raw bytes as
+        an original's preset records it; the trainer then fits the vocabulary to 259), else
+        'gpt2'."""
+        return "byte" if self.model.vocab_size in (256, 259) else "gpt2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,8 @@ class ModelFamily:
     piece_alignment: config -> A; a call with a state must start at a position that is a
       multiple of A (1, the default: any split works). qpf's byte_patch mode has A = P,
       the patch size; ``qpf.generation`` keeps a partial patch's bytes pending for it.
+    trainable: optional config -> (params -> bool pytree, True where the optimizer
+      updates) or None when everything trains; frozen parameters get no optimizer state.
     """
 
     name: str
@@ -71,6 +75,8 @@ class ModelFamily:
     exempt: Mapping[str, str] = dataclasses.field(default_factory=dict)
     expected_leak: Callable[[Any], str] = lambda config: ""
     piece_alignment: Callable[[Any], int] = lambda config: 1
+
+    trainable: Callable[[Any], Callable[[Any], Any] | None] | None = None
 
     def __post_init__(self) -> None:
         for prop, reason in self.exempt.items():
@@ -109,6 +115,7 @@ def _ensure_registered() -> None:
         "qpf.models.diagrnn",
         "qpf.models.lightwave",
         "qpf.models.wavegpt",
+        "qpf.models.qllm",
     ):
         importlib.import_module(module)
 

@@ -9,6 +9,7 @@ weight decay applies only to matrices and tables.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -104,9 +105,18 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    cfg: OptimConfig, peak_lr: float, total_steps: int
+    cfg: OptimConfig,
+    peak_lr: float,
+    total_steps: int,
+    trainable: Callable[[Any], Any] | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The chained optimizer (clip -> AdamW or RGD with masked decay) and its LR schedule."""
+    """The chained optimizer (clip -> AdamW or RGD with masked decay) and its LR schedule.
+
+    trainable: params -> bool pytree (a family's frozen-parameter rule, e.g. LoRA-only
+    fine-tuning). Frozen parameters get zero updates, no weight decay and no optimizer
+    state (``optax.multi_transform`` masks them out of AdamW's moments); clipping sees only
+    the trainable gradients.
+    """
     schedule = lr_schedule(cfg, peak_lr, total_steps)
     parts = []
     if cfg.clip_norm > 0:
@@ -123,7 +133,13 @@ def make_optimizer(
     )
     if cfg.name == "rgd":
         parts[-1] = _rgd(cfg, schedule)
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    if trainable is not None:
+        labels = lambda params: jax.tree.map(  # noqa: E731
+            lambda t: "train" if t else "frozen", trainable(params)
+        )
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
 
 
 def _rgd(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:

@@ -126,7 +126,10 @@ class Trainer:
         self.module = self.family.build(run.model_config)
         self.mesh = dist.make_mesh(run.train.data_parallel)
         dist.check_batch_divisible(run.data.batch_size, self.mesh, run.optim.grad_accum)
-        self.tx, self.schedule = make_optimizer(run.optim, peak_lr(run), run.optim.decay_steps)
+        trainable = self.family.trainable and self.family.trainable(run.model_config)
+        self.tx, self.schedule = make_optimizer(
+            run.optim, peak_lr(run), run.optim.decay_steps, trainable
+        )
         self._build_steps()
         self.state, self.start_step = self._initial_state(resume)
         if self.is_main:
