@@ -466,8 +466,13 @@ class QLLMv3(nn.Module):
     ) -> ModelOutput:
         c = self.config
         train = not deterministic
-        variables = self._persistent()
         given = None if state is None else state.get("persistent")
+        # With the persistent state given (generation) the collection need not exist.
+        variables = (
+            self._persistent()
+            if given is None or self.has_variable("state", "spike_history")
+            else {}
+        )
         cur = dict(given) if given is not None else {k: v.value for k, v in variables.items()}
         sg = jax.lax.stop_gradient
         cp = params["consciousness"]
@@ -538,7 +543,7 @@ class QLLMv3(nn.Module):
             "usage_count": jnp.stack(usage),
             "importance_scores": jnp.stack(imp),
         }
-        if self.is_mutable_collection("state") and not self.is_initializing():
+        if variables and self.is_mutable_collection("state") and not self.is_initializing():
             for k, var in variables.items():
                 var.value = new[k]
         pos = jnp.zeros((), jnp.int32) if state is None else state["pos"]
@@ -595,10 +600,10 @@ _FAITHFUL = {
 # Sane presets sized to the transformer presets' parameter counts (within 4%; the vocab
 # tables dominate the GPT-2 ones); batch sizes and learning rates as the transformer's.
 _SANE = {
-    "tiny": (50257, 128, 4, 64, 128, 512, 16, 1e-3),
-    "small": (50257, 576, 8, 64, 256, 1024, 8, 6e-4),
-    "tiny-byte": (259, 96, 6, 64, 64, 256, 32, 1e-3),
-    "small-byte": (259, 320, 10, 64, 256, 1024, 16, 6e-4),
+    "tiny": (50257, 128, 4, 64, 64, 256, 16, 1e-3),
+    "small": (50257, 512, 6, 64, 256, 1024, 8, 6e-4),
+    "tiny-byte": (259, 128, 4, 64, 128, 512, 32, 1e-3),
+    "small-byte": (259, 448, 9, 64, 256, 1024, 16, 6e-4),
     "test": (61, 16, 2, 7, 11, 13, 4, 1e-3),
 }
 
