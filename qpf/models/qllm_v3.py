@@ -587,6 +587,42 @@ def consciousness_weights(params: dict[str, Any], inputs: Array) -> Array:
     return jnp.mean(h0 * w.astype(h0.dtype) + h0, 1)
 
 
+def generate_faithful(
+    module: QLLMv3,
+    variables: dict[str, Any],
+    prompt: Array,
+    key: Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+) -> tuple[Array, dict[str, Any]]:
+    """Faithful-mode sampling with the persistent state threaded through every call, as
+    the original's generation does (each call mutates the spiking state, in eval too).
+
+    prompt int ``[B, T]`` -> (new tokens ``[B, max_new_tokens]``, persistent state after).
+    The prompt is one call, then one call per generated token; temperature 0 is greedy.
+    """
+    if module.config.mode != "faithful":
+        raise ValueError("generate_faithful needs mode='faithful'; use qpf.generation")
+    params = {"params": variables["params"]}
+    out = module.apply(params, prompt, faithful_state(variables))
+
+    def pick(logits: Array, k: Array) -> Array:
+        if temperature == 0:
+            return jnp.argmax(logits, -1).astype(jnp.int32)
+        return jax.random.categorical(k, logits / temperature).astype(jnp.int32)
+
+    def body(carry, k):
+        logits, state = carry
+        tok = pick(logits, k)
+        nxt = module.apply(params, tok[:, None], state)
+        return (nxt.logits[:, -1], nxt.state), tok
+
+    keys = jax.random.split(key, max_new_tokens)
+    (_, state), toks = jax.lax.scan(body, (out.logits[:, -1], out.state), keys)
+    return toks.T, state["persistent"]
+
+
 # --------------------------------------------------------------------------- presets
 
 # name: (vocab, dim, layers, memory, concept_dim, concepts, batch, lr).
