@@ -140,9 +140,10 @@ def test_sane_has_no_persistent_state_and_is_a_function_of_the_input():
     np.testing.assert_array_equal(apply(variables["params"], tokens, None).logits, a)
 
 
-@pytest.mark.parametrize("spiking", ["lif", "off"])
-def test_sane_every_parameter_receives_gradient(spiking):
-    config = small_config(spiking=spiking, spike_threshold=0.3)
+def test_sane_every_parameter_receives_gradient():
+    # spiking 'off' has the same parameters and one path fewer; the low threshold makes
+    # the LIF spike so the surrogate path is exercised.
+    config = small_config(spike_threshold=0.3)
     model, variables, tokens, _ = built(config, batch=3)
 
     def loss(p):
@@ -190,23 +191,6 @@ def test_faithful_state_threads_through_the_contract_like_the_collection():
     np.testing.assert_allclose(c2.logits, out2.logits, rtol=1e-6, atol=1e-6)
     for key, value in upd["state"].items():
         np.testing.assert_allclose(c1.state["persistent"][key], value, rtol=1e-6, atol=1e-7)
-
-
-def test_faithful_train_mode_updates_counters_and_slots_only_in_training():
-    config = small_config(mode="faithful")
-    model = QLLMv3(config)
-    tokens = jax.random.randint(jax.random.key(7), (2, 11), 0, config.vocab_size)
-    variables = jax.jit(model.init)(jax.random.key(8), tokens)
-    run = jax.jit(
-        lambda v, train: model.apply(v, tokens, deterministic=not train, mutable=["state"]),
-        static_argnums=1,
-    )
-    (_, ev), (_, tr) = run(variables, False), run(variables, True)
-    for key in ("usage_count", "memory_slots_delta"):
-        np.testing.assert_array_equal(ev["state"][key], variables["state"][key])
-        assert not np.array_equal(tr["state"][key], variables["state"][key])
-    # Every layer took exactly one branch: usage rises by 1 per non-base call.
-    assert float(jnp.sum(tr["state"]["usage_count"])) <= config.num_layers
 
 
 def _numpy_lif(s, v, h, decay, thr, refr):
@@ -259,19 +243,24 @@ def test_local_learning_cuts_gradients_between_layers():
         ll = out.intermediates["layer_logits"]
         return [ops.cross_entropy(ll[i][:, :-1], tokens[:, 1:]) for i in range(ll.shape[0])]
 
-    total = jax.jit(jax.grad(lambda p: sum(layer_losses(p))))(variables["params"])
-    own = jax.jit(jax.grad(lambda p: layer_losses(p)[0]))(variables["params"])
-    for name in ("spiking_neurons_0", "developmental_plasticity_0", "consciousness"):
-        for a, b in zip(jax.tree.leaves(total[name]), jax.tree.leaves(own[name]), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    last = jax.jit(jax.grad(lambda p: layer_losses(p)[-1]))(variables["params"])
-    assert not any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(last["spiking_neurons_0"]))
-
     def backprop(p):
         return ops.cross_entropy(model.apply({"params": p}, tokens).logits[:, :-1], tokens[:, 1:])
 
-    cross = jax.jit(jax.grad(backprop))(variables["params"])["spiking_neurons_0"]
-    assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(cross))
+    grads = jax.jit(
+        lambda p: (
+            jax.grad(lambda q: sum(layer_losses(q)))(p),
+            jax.grad(lambda q: layer_losses(q)[0])(p),
+            jax.grad(lambda q: layer_losses(q)[-1])(p),
+            jax.grad(backprop)(p),
+        )
+    )
+    total, own, last, cross = grads(variables["params"])
+    for name in ("spiking_neurons_0", "developmental_plasticity_0", "consciousness"):
+        for a, b in zip(jax.tree.leaves(total[name]), jax.tree.leaves(own[name]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(last["spiking_neurons_0"]))
+    # ...while with backprop the final loss reaches layer 0.
+    assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(cross["spiking_neurons_0"]))
 
 
 def test_sane_greedy_generation_matches_full_forward_argmax():

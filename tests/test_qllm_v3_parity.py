@@ -197,6 +197,13 @@ def test_v3_golden_parity_eval_calls(dtype, request):
         chk.report(path.name)
 
 
+@jax.jit
+def _dp(p, x):
+    kappa = ops.dp_complexity(x)
+    branch = ops.dp_branch(kappa)
+    return kappa, branch, ops.dp_apply(p, x, branch)
+
+
 def dp_branches(chk: Checker, model: QLLMv3, variables) -> None:
     names = json.loads(str(chk.z["config_json"]))["call"]["dp_branches"]["names"]
     for i in range(model.config.num_layers):
@@ -204,11 +211,10 @@ def dp_branches(chk: Checker, model: QLLMv3, variables) -> None:
         for name in names:
             key = f"dp_branches/layer{i}/{name}/"
             x = jnp.asarray(chk.z[key + "input"], model.config.dtype)
-            kappa = ops.dp_complexity(x)
-            branch = ops.dp_branch(kappa)
+            kappa, branch, out = _dp(p, x)
             chk.check(key + "kappa", kappa)
             chk.check(key + "branch", branch)
-            chk.check(key + "output", ops.dp_apply(p, x, branch))
+            chk.check(key + "output", out)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
