@@ -191,6 +191,8 @@ def test_faithful_state_threads_through_the_contract_like_the_collection():
     np.testing.assert_allclose(c2.logits, out2.logits, rtol=1e-6, atol=1e-6)
     for key, value in upd["state"].items():
         np.testing.assert_allclose(c1.state["persistent"][key], value, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="persistent state"):  # no state given at all
+        model.apply({"params": variables["params"]}, tokens)
 
 
 def _numpy_lif(s, v, h, decay, thr, refr):

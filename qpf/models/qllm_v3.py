@@ -467,6 +467,14 @@ class QLLMv3(nn.Module):
         c = self.config
         train = not deterministic
         given = None if state is None else state.get("persistent")
+        if given is None and not (
+            self.is_mutable_collection("state") or self.has_variable("state", "spike_history")
+        ):
+            raise ValueError(
+                "qllm_v3 faithful mode needs its persistent state: apply with the 'state' "
+                "collection (mutable=['state']) or a faithful_state(...) decoding state; "
+                "the shared trainer supports mode='sane'"
+            )
         # With the persistent state given (generation) the collection need not exist.
         variables = (
             self._persistent()
