@@ -116,6 +116,7 @@ def _ensure_registered() -> None:
         "qpf.models.lightwave",
         "qpf.models.wavegpt",
         "qpf.models.qllm",
+        "qpf.models.qllm_v3",
     ):
         importlib.import_module(module)
 
