@@ -29,6 +29,7 @@ from qpf.layers.embeddings import (
     BytePatchEncoder,
     MorphologyEmbed,
 )
+from qpf.layers.head import LMHead
 from qpf.layers.memory import EpisodicMemory
 from qpf.layers.memory import PhaseAssociativeMemory as _Memory  # noqa: F401  (registers)
 from qpf.layers.ssm import OscillatorySSM
@@ -45,13 +46,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float
 class ModelOutput:
     """What a forward pass returns.
 
-    logits: ``[B, T, V]``, logits[t] scores token t+1 (every input mode).
+    logits: ``[B, T, V]``, logits[t] scores token t+1 (every input mode); None when the
+      call asked for ``return_features`` and the model has a linear head.
     phase_states: the LM-head input ``[B, T', 2, d]`` (T' = complete patches in byte mode);
       None for models without phase states (baselines).
     coupling_loss: the original's coupling loss (0 with fewer than two banks).
     state: the decoding state after this input (see ``init_state``).
     prefix_logits / suffix_logits: affix heads ``[B, T, V_affix]`` (morphological mode).
     intermediates: per-stage tensors when requested (parity checks, analysis).
+    features / head_weight: with ``return_features``, the LM head's input ``[B, T, F]`` and
+      its weight ``[F, V]`` (logits = ``qpf.losses.head_logits(features, head_weight)``);
+      None otherwise (see ``qpf.models.family`` for the contract).
     """
 
     logits: Array
@@ -61,6 +66,8 @@ class ModelOutput:
     prefix_logits: Array | None = None
     suffix_logits: Array | None = None
     intermediates: dict[str, Array] | None = None
+    features: Array | None = None
+    head_weight: Array | None = None
 
 
 def init_state(config: cfgs.ModelConfig, batch_size: int) -> State:
@@ -133,7 +140,7 @@ class QPFModel(nn.Module):
         if c.input_mode != "byte_patch":
             self.head_proj = Phase2DLinear(features=c.dim, **kw)
             self.head_norm = Phase2DLayerNorm(param_dtype=kw["param_dtype"])
-            self.output_proj = dense(c.vocab_size, use_bias=False, **kw)
+            self.output_proj = LMHead(c.vocab_size, **kw)
         if c.input_mode == "morphological":
             m = c.morphology
             self.prefix_head = dense(m.prefix_vocab_size, use_bias=False, **kw)
@@ -149,6 +156,7 @@ class QPFModel(nn.Module):
         deterministic: bool = True,
         language_ids: Array | None = None,
         return_intermediates: bool = False,
+        return_features: bool = False,
     ) -> ModelOutput:
         """Forward over a chunk of tokens.
 
@@ -161,6 +169,9 @@ class QPFModel(nn.Module):
           deterministic: False enables dropout (needs a 'dropout' rng).
           language_ids: ``[B]`` ids for the language bank (default 0).
           return_intermediates: also return every stage's tensor.
+          return_features: return the head input ``features [B, T, 2d]`` and
+            ``head_weight [2d, V]`` instead of logits (token and morphological modes; the
+            byte-patch decoder is not linear and still returns logits).
         """
         batch = inputs.shape[0]
         fresh = state is None
@@ -180,11 +191,13 @@ class QPFModel(nn.Module):
         new_state["pos"] = state["pos"] + inputs.shape[1]
         u = p2d.to_concat(self.head_norm(self.head_proj(h)))
         out = ModelOutput(
-            logits=self.output_proj(u),
+            logits=None if return_features else self.output_proj(u),
             phase_states=h,
             coupling_loss=coupling,
             state=new_state,
             intermediates=inter if return_intermediates else None,
+            features=u if return_features else None,
+            head_weight=self.output_proj(u, return_weight=True) if return_features else None,
         )
         if self.config.input_mode == "morphological":
             out = out.replace(prefix_logits=self.prefix_head(u), suffix_logits=self.suffix_head(u))

@@ -18,6 +18,8 @@ from qpf.config import ConfigError
 
 Array = jax.Array
 
+CE_IMPLS = ("fused", "plain")
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -25,6 +27,10 @@ class LossConfig:
 
     energy: weight of mean(|z| - energy_target)² over phase states (off by default, as
     upstream). affix: weight of the prefix + suffix CE in morphological mode (0.3 upstream).
+    ce_impl: how the token CE is computed when the model returns pre-head features:
+    'fused' (``losses.head_cross_entropy``: head and CE in chunks of ``head_chunk``
+    positions, no full logits) or 'plain' (full logits, then log-softmax: the reference).
+    Models that return logits always take the plain path.
     """
 
     ce: float = 1.0
@@ -33,9 +39,21 @@ class LossConfig:
     energy: float = 0.0
     energy_target: float = 1.0
     affix: float = 0.3
+    ce_impl: str = "fused"
+    head_chunk: int = losses.HEAD_CHUNK
 
     def __post_init__(self) -> None:
+        if self.ce_impl not in CE_IMPLS:
+            raise ConfigError(
+                f"LossConfig.ce_impl = {self.ce_impl!r} is invalid: allowed " + ", ".join(CE_IMPLS)
+            )
+        if not (isinstance(self.head_chunk, int) and self.head_chunk >= 1):
+            raise ConfigError(
+                f"LossConfig.head_chunk = {self.head_chunk!r} is invalid: allowed an int >= 1"
+            )
         for f in dataclasses.fields(self):
+            if f.name in ("ce_impl", "head_chunk"):
+                continue
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or (f.name != "energy_target" and value < 0):
                 raise ConfigError(
@@ -65,7 +83,7 @@ def objective_terms(out: Any, tokens: Array, mask: Array, cfg: LossConfig) -> di
     roots = tokens[..., 0] if tokens.ndim == 3 else tokens
     targets = roots[:, 1:]
     tmask = mask[:, 1:]  # logits[t] scores token t+1 when that token is real
-    ce_sum, count = losses.token_cross_entropy(out.logits[:, :-1], targets, tmask)
+    ce_sum, count = token_ce(out, targets, tmask, cfg)
     terms = {
         "ce_sum": ce_sum,
         "tokens": count,
@@ -83,6 +101,22 @@ def objective_terms(out: Any, tokens: Array, mask: Array, cfg: LossConfig) -> di
         suf, _ = losses.token_cross_entropy(out.suffix_logits[:, :-1], tokens[:, 1:, 2], tmask)
         terms["affix"] = (pre + suf) / jnp.maximum(count, 1.0)
     return terms
+
+
+def token_ce(out: Any, targets: Array, tmask: Array, cfg: LossConfig) -> tuple[Array, Array]:
+    """Summed next-token CE and count: targets/tmask ``[B, T-1]`` against positions ``:-1``.
+
+    Fused head + CE when the output carries ``features`` (the last position, which scores
+    no target, is sliced off before the head), else log-softmax over ``out.logits``.
+    """
+    if getattr(out, "features", None) is None:
+        return losses.token_cross_entropy(out.logits[:, :-1], targets, tmask)
+    if cfg.ce_impl == "plain":
+        logits = losses.head_logits(out.features, out.head_weight)
+        return losses.token_cross_entropy(logits[:, :-1], targets, tmask)
+    return losses.head_cross_entropy(
+        out.features[:, :-1], out.head_weight, targets, tmask, chunk_size=cfg.head_chunk
+    )
 
 
 def total_loss(terms: dict[str, Array], cfg: LossConfig) -> Array:
