@@ -69,6 +69,7 @@ def make_train_step(
     *,
     seed: int,
     grad_accum: int = 1,
+    objective: Callable[..., dict[str, Array]] = objective_terms,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build ``step(state, batch) -> (state, metrics)`` (not yet jitted; jit it with
     ``donate_argnums=0`` so params and optimizer state are updated in place).
@@ -77,14 +78,15 @@ def make_train_step(
     ``[B, T]``; B must divide by ``grad_accum``. Dropout keys derive from (seed, step,
     micro-batch), so a resumed run draws the same masks. The model is asked for pre-head
     features when its family offers them, so the CE runs through the fused head
-    (``LossConfig.ce_impl``).
+    (``LossConfig.ce_impl``). ``objective`` (signature of ``objective_terms``) replaces
+    the terms, e.g. to time the step without its LM head (``experiments.benchmark``).
     """
 
     def micro_loss(params, micro: Batch, rng: Array, total_tokens: Array):
         out = apply_for_features(
             module, {"params": params}, micro["tokens"], deterministic=False, rngs={"dropout": rng}
         )
-        terms = objective_terms(out, micro["tokens"], micro["mask"], loss_cfg)
+        terms = objective(out, micro["tokens"], micro["mask"], loss_cfg)
         aux = {k: terms[k] for k in AUX_TERMS if k in terms}
         # CE is token-weighted over the whole batch; the other terms average micro-batches.
         loss = loss_cfg.ce * terms["ce_sum"] / total_tokens
