@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from qpf.config import ConfigError
@@ -172,14 +173,21 @@ TOP_P_CANDIDATES = 1024
 
 
 def token_noise(key: Array, ids: Array) -> Array:
-    """Gumbel noise of token ids ``[..., K]`` for one row's key: a function of (key, id).
+    """Gumbel noise ``[K]`` of token ids ``[K]`` for one row's key: a function of (key, id).
 
     Noise tied to the token id rather than to a candidate slot lets the sampler draw it for
     its few candidates and still pick exactly the token a dense draw over the whole
-    vocabulary would (the dense reference, ``sample_reference``, uses the same noise).
+    vocabulary would (``sample_reference`` uses the same noise). One threefry hash per id,
+    as ``jax.random.categorical`` spends per vocabulary entry.
     """
-    gumbel = lambda i: jax.random.gumbel(jax.random.fold_in(key, i), (), jnp.float32)  # noqa: E731
-    return jnp.vectorize(gumbel)(ids)
+    ids = ids.astype(jnp.uint32)
+    counts = jnp.concatenate([jnp.zeros_like(ids), ids])  # word pairs (0, id)
+    out = jax.extend.random.threefry_2x32(jax.random.key_data(key), counts)
+    bits = out[: ids.shape[0]] ^ out[ids.shape[0] :]
+    # 23 random mantissa bits -> uniform [0, 1) -> Gumbel, as jax.random.gumbel does.
+    one = jnp.asarray(1.0, jnp.float32).view(jnp.uint32)
+    u = jax.lax.bitcast_convert_type((bits >> 9) | one, jnp.float32) - 1.0
+    return -jnp.log(-jnp.log(jnp.maximum(u, jnp.finfo(jnp.float32).tiny)))
 
 
 def _scaled(logits: Array, config: SamplingConfig, presence: Array | None) -> Array:
