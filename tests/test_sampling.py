@@ -159,12 +159,13 @@ def test_fast_sampler_draws_the_reference_tokens_for_fixed_keys(config):
 
     fast, ref = both(x)
     np.testing.assert_array_equal(fast, ref)
-    # And the draws follow the distribution (200 draws per row; a loose 5-sigma check).
+    # And the draws follow the distribution (200 draws per row; 5 sigma, and a rare token
+    # drawn once or twice is no failure).
     probs = np.asarray(distribution(x, config, seen))
     for b in range(x.shape[0]):
         freq = np.bincount(np.asarray(fast)[:, b], minlength=V) / 200
         assert np.all(
-            np.abs(freq - probs[b]) <= 5 * np.sqrt(probs[b] * (1 - probs[b]) / 200) + 1e-9
+            np.abs(freq - probs[b]) <= 5 * np.sqrt(probs[b] * (1 - probs[b]) / 200) + 2 / 200
         )
 
 
