@@ -17,6 +17,16 @@ peak *up to and including* its own warm-up (models warm up in ``--models`` order
 ``compiled_mem_bytes`` (XLA's temp + argument + output - aliased bytes of the compiled
 train step) is per model.
 
+Speed against the hardware: ``gflop_per_step`` is XLA's ``cost_analysis`` of the compiled
+train step, ``achieved_gflops`` that over the median step time and ``peak_fraction`` its
+share of ``--peak-gflops`` (default: measured once at start with a large float32 matmul).
+``head_ms`` splits the step: a second compiled variant replaces the LM head + CE by a cheap
+function of the head's input (the rest of the step is unchanged), and ``head_ms`` = step -
+that variant (families without pre-head features get none). ``--ce-impls fused,plain``
+benchmarks each model with each CE path side by side (``LossConfig.ce_impl``).
+``page_faults_per_step`` (minor + major, ``getrusage``) and ``rss_growth_bytes`` (peak RSS
+growth over the timed steps) show whether steps reuse their buffers.
+
 Model overrides use ``--set [SCOPE:]SECTION.FIELD=VALUE`` (see ``experiments.model_set``);
 sections model, optim and loss apply (data and train have their own flags here).
 """
@@ -41,8 +51,9 @@ import numpy as np
 from experiments.model_set import overrides_for, parse_models, parse_overrides
 from qpf.config import ConfigError
 from qpf.data import DataConfig
+from qpf.models.family import accepts_return_features
 from qpf.training.config import RunConfig, TrainConfig
-from qpf.training.objectives import LossConfig
+from qpf.training.objectives import CE_IMPLS, LossConfig, objective_terms
 from qpf.training.optim import OptimConfig, make_optimizer
 from qpf.training.step import init_train_state, make_train_step
 from qpf.training.trainer import peak_lr
@@ -70,9 +81,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="[SCOPE:]SECTION.FIELD=VALUE",
         help="config override (repeatable), e.g. model.dim=16 or qpf:model.backbone.num_layers=1",
     )
+    ap.add_argument(
+        "--ce-impls",
+        default="fused",
+        help="comma-separated LossConfig.ce_impl values, each benchmarked (fused,plain)",
+    )
+    ap.add_argument("--no-head-split", action="store_true", help="skip the head/rest split")
+    ap.add_argument(
+        "--peak-gflops",
+        type=float,
+        default=None,
+        help="stated peak GFLOP/s for peak_fraction (default: measured with a matmul)",
+    )
     ap.add_argument("--json", type=Path, help="write the per-model records here")
     ap.add_argument("--md", type=Path, help="write the markdown table(s) here")
     args = ap.parse_args(argv)
+    args.head_split = not args.no_head_split
     for name in ("seq_len", "batch_size", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -139,6 +163,51 @@ def compiled_mem(compiled: Any) -> int | None:
     )
 
 
+def measure_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 GFLOP/s of an ``[n, n] @ [n, n]`` matmul (after one compile run)."""
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a, b: a @ b)
+    mm(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of ``compiled`` from XLA's cost analysis (None if unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def faults() -> int:
+    """Page faults (minor + major) of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt + r.ru_majflt
+
+
+def objective_without_head(out: Any, tokens: Any, mask: Any, cfg: LossConfig) -> dict:
+    """``objective_terms`` with the LM head + CE replaced by a cheap function of the head's
+    input, so the step keeps the model's forward/backward and the optimizer update."""
+    if out.features is None:
+        return objective_terms(out, tokens, mask, cfg)
+    feats = out.features[:, :-1].astype(jnp.float32)
+    tmask = mask[:, 1:].astype(jnp.float32)
+    ce_sum = 1e-3 * jnp.sum(jnp.sum(feats, -1) * tmask)
+    cheap = out.replace(features=None, logits=jnp.zeros((*tokens.shape[:2], 1), jnp.float32))
+    terms = objective_terms(cheap, jnp.zeros_like(tokens), mask, cfg)
+    count = jnp.sum(tmask)
+    return {**terms, "ce_sum": ce_sum, "ce": ce_sum / jnp.maximum(count, 1.0), "tokens": count}
+
+
 class Bench:
     """One (model, length): compiled train and forward steps and their live state."""
 
@@ -155,13 +224,22 @@ class Bench:
         self.state = jax.jit(lambda: init_train_state(module, tx, args.seed, tokens[:1]))()
         self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
 
-        step = make_train_step(module, tx, run.loss, seed=args.seed)
+        self.ce_impl = run.loss.ce_impl
         t0 = time.perf_counter()
-        self.train_step = (
-            jax.jit(step, donate_argnums=0).lower(self.state, self.batch_arrays).compile()
-        )
+        self.train_step = self._compile(make_train_step(module, tx, run.loss, seed=args.seed))
         self.compile_s = time.perf_counter() - t0
         self.compiled_mem_bytes = compiled_mem(self.train_step)
+        self.flops = step_flops(self.train_step)
+        self.rest_step = None
+        split = args.head_split and run.loss.ce_impl == getattr(args, "split_impl", "fused")
+        if split and accepts_return_features(module):
+            self.rest_step = self._compile(
+                make_train_step(
+                    module, tx, run.loss, seed=args.seed, objective=objective_without_head
+                )
+            )
+        self.rest_times: list[float] = []
+        self.faults = 0
 
         # Reduce the logits over the vocabulary so the whole LM head is computed (as in a
         # greedy prediction) without returning [B, T, V] to the host.
@@ -174,32 +252,51 @@ class Bench:
         self.forward_times: list[float] = []
         self.loss = math.nan
 
+    def _compile(self, step: Any) -> Any:
+        return jax.jit(step, donate_argnums=0).lower(self.state, self.batch_arrays).compile()
+
     def warm_up(self, n: int) -> None:
         for _ in range(n):
             self.time_train()
+            self.time_rest()
             self.time_forward()
         self.train_times.clear()
+        self.rest_times.clear()
         self.forward_times.clear()
         self.peak_mem_bytes = peak_mem_bytes()
+        self.faults = 0
 
     def time_train(self) -> None:
+        f0 = faults()
         t0 = time.perf_counter()
         self.state, metrics = self.train_step(self.state, self.batch_arrays)
         jax.block_until_ready((self.state, metrics))
         self.train_times.append(time.perf_counter() - t0)
+        self.faults += faults() - f0
         self.loss = float(metrics["loss"])
+
+    def time_rest(self) -> None:
+        if self.rest_step is None:
+            return
+        t0 = time.perf_counter()
+        self.state, metrics = self.rest_step(self.state, self.batch_arrays)
+        jax.block_until_ready((self.state, metrics))
+        self.rest_times.append(time.perf_counter() - t0)
 
     def time_forward(self) -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(self.forward(self.state.params, self.batch_arrays["tokens"]))
         self.forward_times.append(time.perf_counter() - t0)
 
-    def record(self) -> dict[str, Any]:
+    def record(self, peak_gflops: float | None) -> dict[str, Any]:
         tokens = self.batch * self.seq_len
         step_s = statistics.median(self.train_times)
         fwd_s = statistics.median(self.forward_times)
+        achieved = self.flops / step_s / 1e9 if self.flops else None
+        rest_s = statistics.median(self.rest_times) if self.rest_times else None
         return {
             "model": self.spec,
+            "ce_impl": self.ce_impl,
             "seq_len": self.seq_len,
             "batch": self.batch,
             "vocab_size": self.config.vocab_size,
@@ -215,13 +312,23 @@ class Bench:
             "peak_mem_kind": "device peak" if jax.devices()[0].platform != "cpu" else "peak RSS",
             "compiled_mem_bytes": self.compiled_mem_bytes,
             "final_loss": self.loss,
+            "gflop_per_step": self.flops / 1e9 if self.flops else None,
+            "achieved_gflops": achieved,
+            "peak_gflops": peak_gflops,
+            "peak_fraction": achieved / peak_gflops if achieved and peak_gflops else None,
+            "rest_ms": rest_s * 1e3 if rest_s is not None else None,
+            "head_ms": (step_s - rest_s) * 1e3 if rest_s is not None else None,
+            "page_faults_per_step": self.faults / len(self.train_times),
+            "rss_growth_bytes": peak_mem_bytes() - self.peak_mem_bytes,
             "repeats": len(self.train_times),
             "device": jax.devices()[0].device_kind,
             "jax_version": jax.__version__,
         }
 
 
-def bench_length(runs: list[tuple[str, RunConfig]], seq_len: int, args) -> list[dict[str, Any]]:
+def bench_length(
+    runs: list[tuple[str, RunConfig]], seq_len: int, args, peak_gflops: float | None = None
+) -> list[dict[str, Any]]:
     """Benchmark every model at one length, alternating models within each repeat."""
     benches = []
     for spec, run in runs:
@@ -232,10 +339,11 @@ def bench_length(runs: list[tuple[str, RunConfig]], seq_len: int, args) -> list[
     for _ in range(args.steps):
         for bench in benches:
             bench.time_train()
+            bench.time_rest()
     for _ in range(args.steps):
         for bench in benches:
             bench.time_forward()
-    records = [b.record() for b in benches]
+    records = [b.record(peak_gflops) for b in benches]
     del benches  # free the states before the next length
     return records
 
@@ -244,15 +352,21 @@ def _mib(x: int | None) -> str:
     return "n/a" if x is None else f"{x / 2**20:,.0f}"
 
 
+def _num(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
 def markdown(records: list[dict[str, Any]]) -> str:
     """One row per record; ratios are against the first model at the same length."""
     first = {}
     for r in records:
         first.setdefault(r["seq_len"], r)
+    impls = {r.get("ce_impl") for r in records}
     lines = [
         "| model | T | params | compile (s) | step (ms) | train tok/s | x first | "
-        "fwd tok/s | x first | peak mem (MiB) | compiled mem (MiB) | x first |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "fwd tok/s | x first | peak mem (MiB) | compiled mem (MiB) | x first | "
+        "GFLOP/step | GFLOP/s | of peak | head+CE (ms) | rest (ms) | faults/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         f = first[r["seq_len"]]
@@ -261,13 +375,17 @@ def markdown(records: list[dict[str, Any]]) -> str:
             if r["compiled_mem_bytes"] and f["compiled_mem_bytes"]
             else "n/a"
         )
+        label = r["model"] + (f" [{r['ce_impl']}]" if len(impls) > 1 else "")
         lines.append(
-            f"| {r['model']} | {r['seq_len']} | {r['params']:,} | {r['compile_s']:.1f} | "
+            f"| {label} | {r['seq_len']} | {r['params']:,} | {r['compile_s']:.1f} | "
             f"{r['step_ms']:,.1f} | {r['train_tokens_per_s']:,.0f} | "
             f"{r['train_tokens_per_s'] / f['train_tokens_per_s']:.2f} | "
             f"{r['forward_tokens_per_s']:,.0f} | "
             f"{r['forward_tokens_per_s'] / f['forward_tokens_per_s']:.2f} | "
-            f"{_mib(r['peak_mem_bytes'])} | {_mib(r['compiled_mem_bytes'])} | {mem_ratio} |"
+            f"{_mib(r['peak_mem_bytes'])} | {_mib(r['compiled_mem_bytes'])} | {mem_ratio} | "
+            f"{_num(r.get('gflop_per_step'), '.1f')} | {_num(r.get('achieved_gflops'), '.1f')} | "
+            f"{_num(r.get('peak_fraction'), '.0%')} | {_num(r.get('head_ms'), ',.0f')} | "
+            f"{_num(r.get('rest_ms'), ',.0f')} | {_num(r.get('page_faults_per_step'), ',.0f')} |"
         )
     return "\n".join(lines)
 
@@ -295,18 +413,35 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     models = parse_models(args.models)
     specs = [spec for spec, _, _ in models]
     overrides = parse_overrides(args.set, specs)
-    runs = [
-        (spec, run_config(spec, preset, args, overrides_for(spec, overrides)))
-        for spec, _family, preset in models
-    ]
+    impls = ce_impls(args)
+    args.split_impl = impls[0]  # the rest of the step does not depend on the CE path
+    runs = []
+    for spec, _family, preset in models:
+        run = run_config(spec, preset, args, overrides_for(spec, overrides))
+        runs += [
+            (spec, dataclasses.replace(run, loss=dataclasses.replace(run.loss, ce_impl=i)))
+            for i in impls
+        ]
+    peak = args.peak_gflops if args.peak_gflops is not None else measure_peak_gflops()
+    print(f"peak: {peak:,.1f} GFLOP/s", flush=True)
     lens = seq_lens(args)
     records = []
     for seq_len in lens:
-        records.extend(bench_length(runs, seq_len, args))
-    # --models order first, then length: the list reads per model.
+        records.extend(bench_length(runs, seq_len, args, peak))
+    # --models order first, then CE path, then length: the list reads per model.
     order = {spec: i for i, spec in enumerate(specs)}
-    records.sort(key=lambda r: (order[r["model"]], r["seq_len"]))
+    records.sort(key=lambda r: (order[r["model"]], impls.index(r["ce_impl"]), r["seq_len"]))
     return records
+
+
+def ce_impls(args: argparse.Namespace) -> list[str]:
+    impls = [x.strip() for x in args.ce_impls.split(",") if x.strip()]
+    bad = [x for x in impls if x not in CE_IMPLS]
+    if not impls or bad or len(set(impls)) != len(impls):
+        raise ConfigError(
+            f"--ce-impls {args.ce_impls!r}: give distinct values from {', '.join(CE_IMPLS)}"
+        )
+    return impls
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -7,7 +7,9 @@ For each model and context length: prefill tokens/s (chunked prompt processing w
 carried state), decode tokens/s (the compiled sampling loop) and peak memory — peak RSS
 of this process on CPU (``resource.getrusage``; it only grows, so it is the peak so far),
 the device's ``peak_bytes_in_use`` on accelerators. Compilation is excluded: each shape is
-run once before it is timed. Prints a markdown table.
+run once before it is timed. Sampling follows ``--temperature/--top-k/--top-p``; the
+sampler alone (``qpf.sampling.sample``) and its dense reference (``sample_reference``) are
+also timed on the prompt's last logits. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from qpf.config import apply_overrides
 from qpf.generation import decode, prefill
 from qpf.generation.core import patch_size
 from qpf.models.family import resolve_model
-from qpf.sampling import SamplingConfig
+from qpf.sampling import SamplingConfig, row_keys, sample, sample_reference
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="model config override, e.g. dim=16 or backbone.num_layers=1 (repeatable)",
     )
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the results here")
     return ap.parse_args(argv)
@@ -83,7 +88,7 @@ def bench_one(module, params, context: int, args: argparse.Namespace) -> dict[st
     logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
 
-    sampling = SamplingConfig(temperature=1.0)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     key = jax.random.key(args.seed)
 
     def run():
@@ -101,20 +106,41 @@ def bench_one(module, params, context: int, args: argparse.Namespace) -> dict[st
         "prefill_chunk": chunk,
         "prefill_tokens_per_s": context / prefill_s,
         "decode_tokens_per_s": args.new_tokens / decode_s,
+        "decode_ms_per_token": decode_s / args.new_tokens * 1e3,
+        **sampler_ms(logits, sampling, key),
         "peak_memory_mib": peak_memory_mib(),
         "memory_kind": "device peak" if jax.devices()[0].platform != "cpu" else "peak RSS",
     }
 
 
+def sampler_ms(logits: jax.Array, config: SamplingConfig, key: jax.Array, n: int = 50) -> dict:
+    """ms per call of the sampler alone (``sample``) and of its dense reference on ``[B, V]``
+    logits, compiled, median of ``n`` calls."""
+    out = {}
+    for name, fn in (("sampler_ms", sample), ("reference_sampler_ms", sample_reference)):
+        f = jax.jit(lambda x, k, fn=fn: fn(x, row_keys(k, 0, x.shape[0]), config))
+        f(logits, key).block_until_ready()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f(logits, key).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times)) * 1e3
+    return out
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | context | prefill tok/s | decode tok/s | peak memory (MiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| model | context | prefill tok/s | decode tok/s | decode ms/token | sampler ms | "
+        "reference sampler ms | peak memory (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['context']} | {r['prefill_tokens_per_s']:,.0f} | "
-            f"{r['decode_tokens_per_s']:,.1f} | {r['peak_memory_mib']:,.0f} ({r['memory_kind']}) |"
+            f"{r['decode_tokens_per_s']:,.1f} | {r['decode_ms_per_token']:.2f} | "
+            f"{r['sampler_ms']:.3f} | {r['reference_sampler_ms']:.3f} | "
+            f"{r['peak_memory_mib']:,.0f} ({r['memory_kind']}) |"
         )
     return "\n".join(lines)
 

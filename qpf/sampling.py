@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from qpf.config import ConfigError
@@ -140,10 +141,17 @@ def min_p_mask(logits: Array, min_p: float) -> Array:
 
 
 def filter_logits(logits: Array, config: SamplingConfig) -> Array:
-    """Temperature, then top-k / top-p / min-p; removed tokens get -inf. ``[B, V]``."""
+    """Temperature, then top-k / top-p / min-p; removed tokens get -inf. ``[B, V]``.
+
+    The dense reference of the filters (a full sort for top-p); ``sample`` computes the
+    same kept set on the top-k candidates only.
+    """
     x = logits.astype(jnp.float32)
-    if not config.greedy:
-        x = x / config.temperature
+    return _filter_dense(x if config.greedy else x / config.temperature, config)
+
+
+def _filter_dense(x: Array, config: SamplingConfig) -> Array:
+    """``filter_logits`` after the temperature: float32 ``[B, V]``."""
     keep = x > NEG_INF  # tokens already at -inf (e.g. banned upstream) stay removed
     if config.top_k > 0:
         keep &= top_k_mask(x, config.top_k)
@@ -157,23 +165,132 @@ def filter_logits(logits: Array, config: SamplingConfig) -> Array:
     return masked
 
 
+# ------------------------------------------------------------------- the fast path
+
+# Without top-k, top-p first tries this many candidates and sorts the full row only when
+# they hold less than top_p of the mass.
+TOP_P_CANDIDATES = 1024
+
+
+def token_noise(key: Array, ids: Array) -> Array:
+    """Gumbel noise ``[K]`` of token ids ``[K]`` for one row's key: a function of (key, id).
+
+    Noise tied to the token id rather than to a candidate slot lets the sampler draw it for
+    its few candidates and still pick exactly the token a dense draw over the whole
+    vocabulary would (``sample_reference`` uses the same noise). One threefry hash per id,
+    as ``jax.random.categorical`` spends per vocabulary entry.
+    """
+    ids = ids.astype(jnp.uint32)
+    counts = jnp.concatenate([jnp.zeros_like(ids), ids])  # word pairs (0, id)
+    out = jax.extend.random.threefry_2x32(jax.random.key_data(key), counts)
+    bits = out[: ids.shape[0]] ^ out[ids.shape[0] :]
+    # 23 random mantissa bits -> uniform [0, 1) -> Gumbel, as jax.random.gumbel does.
+    one = jnp.asarray(1.0, jnp.float32).view(jnp.uint32)
+    u = jax.lax.bitcast_convert_type((bits >> 9) | one, jnp.float32) - 1.0
+    return -jnp.log(-jnp.log(jnp.maximum(u, jnp.finfo(jnp.float32).tiny)))
+
+
+def _scaled(logits: Array, config: SamplingConfig, presence: Array | None) -> Array:
+    """Penalised logits ``[B, V]`` in float32, divided by the temperature."""
+    x = logits.astype(jnp.float32)
+    if config.repetition_penalty != 1.0:
+        if presence is None:
+            raise ValueError("repetition_penalty != 1 needs a presence mask [B, V]")
+        x = apply_repetition_penalty(x, presence, config.repetition_penalty)
+    return x if config.greedy else x / config.temperature
+
+
+def _filter_sorted(vals: Array, config: SamplingConfig, mass: Array | None = None) -> Array:
+    """Top-p and min-p on candidates sorted descending ``[B, K]`` (-inf = removed).
+
+    mass: probabilities of the candidates under the whole row (top-p without top-k);
+    None = the candidates are the whole kept set (after top-k).
+    """
+    if config.top_p < 1.0:
+        probs = jax.nn.softmax(vals, axis=-1) if mass is None else mass
+        before = jnp.cumsum(probs, axis=-1) - probs
+        vals = jnp.where(before < config.top_p, vals, NEG_INF)
+    if config.min_p > 0.0:
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p) (same normaliser)
+        vals = jnp.where(vals >= vals[:, :1] + jnp.log(config.min_p), vals, NEG_INF)
+    return vals
+
+
+def _draw(vals: Array, ids: Array, keys: Array) -> Array:
+    """The token with the largest kept logit + noise: ``[B, K]`` candidates -> ``[B]``."""
+    noisy = vals + jax.vmap(token_noise)(keys, ids)
+    pick = jnp.argmax(noisy, axis=-1)
+    return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def candidates(x: Array, config: SamplingConfig, k: int) -> tuple[Array, Array]:
+    """The k best tokens of each row, filtered: (logits ``[B, k]`` with -inf for removed
+    ones, sorted descending, and their ids ``[B, k]``). ``lax.top_k``: no sort of V."""
+    vals, ids = jax.lax.top_k(x, min(k, x.shape[-1]))
+    if config.top_k > 0:
+        return _filter_sorted(vals, config), ids
+    mass = jnp.exp(vals - jax.nn.logsumexp(x, axis=-1, keepdims=True))
+    return _filter_sorted(vals, config, mass), ids
+
+
 def sample(
     logits: Array,
     keys: Array,
     config: SamplingConfig,
     presence: Array | None = None,
 ) -> Array:
-    """Draw one token per row.
+    """Draw one token per row (the same token as ``sample_reference`` for the same keys).
 
     logits ``[B, V]``; keys ``[B]`` (``row_keys``); presence ``[B, V]`` bool (tokens seen,
     for the repetition penalty; required when the penalty is not 1) -> int32 ``[B]``.
+    With top-k the filters and the noise see only the k candidates; top-p alone tries the
+    best ``TOP_P_CANDIDATES`` and sorts the row only if they hold too little mass.
     """
-    x = logits.astype(jnp.float32)
-    if config.repetition_penalty != 1.0:
-        if presence is None:
-            raise ValueError("repetition_penalty != 1 needs a presence mask [B, V]")
-        x = apply_repetition_penalty(x, presence, config.repetition_penalty)
+    x = _scaled(logits, config, presence)
     if config.greedy:
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(x, config)
-    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    vocab = x.shape[-1]
+    if config.top_k > 0:
+        return _draw(*candidates(x, config, config.top_k), keys)
+    if config.top_p < 1.0 and vocab > TOP_P_CANDIDATES:
+        vals, ids = jax.lax.top_k(x, TOP_P_CANDIDATES)
+        lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+        enough = jnp.all(jnp.sum(jnp.exp(vals - lse), axis=-1) >= config.top_p)
+        return jax.lax.cond(
+            enough,
+            lambda: _draw(*candidates(x, config, TOP_P_CANDIDATES), keys),
+            lambda: _draw(*candidates(x, config, vocab), keys),
+        )
+    if config.top_p < 1.0:
+        return _draw(*candidates(x, config, vocab), keys)
+    # No top-k / top-p: every token is a candidate (min-p is a threshold, no sort needed).
+    ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), x.shape)
+    if config.min_p > 0.0:
+        x = jnp.where(x >= jnp.max(x, -1, keepdims=True) + jnp.log(config.min_p), x, NEG_INF)
+    return _draw(x, ids, keys)
+
+
+def sample_reference(
+    logits: Array,
+    keys: Array,
+    config: SamplingConfig,
+    presence: Array | None = None,
+) -> Array:
+    """Dense reference of ``sample``: every filter over the whole ``[B, V]`` row (a full
+    sort for top-p), noise for every token. Same arguments and result."""
+    x = _scaled(logits, config, presence)
+    if config.greedy:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    filtered = _filter_dense(x, config)
+    ids = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+    return _draw(filtered, ids, keys)
+
+
+def distribution(logits: Array, config: SamplingConfig, presence: Array | None = None) -> Array:
+    """Probabilities ``[B, V]`` that ``sample`` draws from (computed on its candidates)."""
+    x = _scaled(logits, config, presence)
+    vocab = x.shape[-1]
+    k = config.top_k if config.top_k > 0 else vocab
+    vals, ids = candidates(x, config, k)
+    rows = jnp.arange(x.shape[0])[:, None]
+    return jnp.zeros(x.shape, jnp.float32).at[rows, ids].set(jax.nn.softmax(vals, axis=-1))

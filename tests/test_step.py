@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from qpf import config as cfgs
 from qpf.models.qpf import QPFModel
+from qpf.training import step as step_module
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 from qpf.training.optim import OptimConfig, make_optimizer
 from qpf.training.step import init_train_state, make_eval_step, make_train_step
@@ -77,10 +79,33 @@ def test_nonfinite_step_leaves_params_untouched():
     leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
     bad = bad.replace(params=jax.tree.unflatten(treedef, leaves))
     before = jax.tree.map(np.asarray, bad.params)
+    opt_before = jax.tree.map(np.asarray, bad.opt_state)
     new, m = step(bad, batch)
     assert int(m["nonfinite"]) == 1
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(new.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree.leaves(opt_before), jax.tree.leaves(new.opt_state)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert int(new.step) == 1
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_step_traces_the_model_once_and_asks_for_features(grad_accum, monkeypatch):
+    # No second (eval_shape) trace of the gradient, and the fused head is used.
+    calls = []
+    real = step_module.apply_for_features
+
+    def counting(module, *args, **kw):
+        out = real(module, *args, **kw)
+        calls.append(out.features is not None)
+        return out
+
+    monkeypatch.setattr(step_module, "apply_for_features", counting)
+    module, state, _, batch = _setup(grad_accum)
+    tx, _ = make_optimizer(OptimConfig(warmup_steps=0), 1e-2, 20)
+    step = make_train_step(module, tx, DEFAULT_LOSS, seed=0, grad_accum=grad_accum)
+    jax.make_jaxpr(step)(state, batch)
+    assert calls == [True]
 
 
 def test_eval_counts_target_tokens_and_bytes():

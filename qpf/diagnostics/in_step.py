@@ -5,7 +5,8 @@ scalars and reach the host only at the logging interval. ``mode``: 'off', 'on' (
 definitions of ``qpf.diagnostics.philosophy``) or 'faithful' (the original's).
 
 Buddhi needs logits; over a 50257-way vocabulary a softmax per position costs as much as
-the loss, so it is computed on at most ``BUDDHI_POSITIONS`` evenly spaced positions per row.
+the loss, so it is computed on at most ``BUDDHI_POSITIONS`` evenly spaced positions per row
+(with a fused-head forward, the head is applied to those positions only).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flax import linen as nn
 
 from qpf.diagnostics import model_stats
 from qpf.diagnostics.philosophy import bank_summary, philosophy_metrics
+from qpf.losses import head_logits
 
 Array = jax.Array
 
@@ -60,8 +62,12 @@ def step_metrics(
     """
     out = jax.lax.stop_gradient(out)
     inter = out.intermediates or {}
-    t = out.logits.shape[1]
+    t = mask.shape[1]
     stride = max(1, -(-t // BUDDHI_POSITIONS))
+    if out.logits is not None:
+        logits = out.logits[:, ::stride]
+    else:  # a fused-head forward: the head on the sampled positions only
+        logits = head_logits(out.features[:, ::stride], out.head_weight)
     banks = {n: inter[f"bank/{n}"] for n in _bank_names(module) if f"bank/{n}" in inter}
     prev = None
     if carry is not None and banks:
@@ -75,7 +81,7 @@ def step_metrics(
     if "memory_topk_weights" in inter:
         read = (inter["memory_topk_weights"], inter["memory_topk_indices"])
     metrics = philosophy_metrics(
-        logits=out.logits[:, ::stride],
+        logits=logits,
         mask=mask[:, ::stride],
         ssm_state=state.get("backbone"),
         banks=banks or None,

@@ -26,6 +26,8 @@ import numpy as np
 from flax import linen as nn
 
 from qpf.config import ConfigError
+from qpf.losses import head_logits
+from qpf.models.family import apply_for_features
 
 Array = jax.Array
 State = dict[str, Any]
@@ -104,8 +106,12 @@ def start_state(module: nn.Module, batch: int, max_len: int) -> DecodeState:
 
 
 def _forward(module: nn.Module, params: Params, inputs: Array, state: State):
-    out = module.apply(params, inputs, state, deterministic=True)
-    return out.logits, out.state
+    """(logits of the last position ``[B, V]``, new state); the LM head runs on that
+    position only when the family returns pre-head features (``return_features``)."""
+    out = apply_for_features(module, params, inputs, state, deterministic=True)
+    if out.features is None:
+        return out.logits[:, -1], out.state
+    return head_logits(out.features[:, -1], out.head_weight), out.state
 
 
 def _cast_like(new: State, ref: State) -> State:
@@ -119,7 +125,7 @@ def forward_last(
 ) -> tuple[Array, State]:
     """One compiled call: (logits of the last position ``[B, V]``, new model state)."""
     logits, new = _forward(module, params, inputs, state)
-    return logits[:, -1], _cast_like(new, state)
+    return logits, _cast_like(new, state)
 
 
 def step(
@@ -134,7 +140,7 @@ def step(
     if p == 0:
         logits, model = _forward(module, params, tokens[:, None], state.model)
         model = _cast_like(model, state.model)
-        return logits[:, 0], DecodeState(model, state.pending, state.num_pending)
+        return logits, DecodeState(model, state.pending, state.num_pending)
 
     k = state.num_pending  # bytes already pending; this byte goes to slot k
     pending = jax.lax.dynamic_update_slice_in_dim(
@@ -145,14 +151,14 @@ def step(
         # j bytes pending, patch incomplete: within-patch decoder only, boundary state kept.
         def run(_):
             logits, _new = _forward(module, params, pending[:, :j], state.model)
-            return logits[:, -1], state.model, pending, jnp.asarray(j, jnp.int32)
+            return logits, state.model, pending, jnp.asarray(j, jnp.int32)
 
         return run
 
     def complete_patch(_):
         logits, model = _forward(module, params, pending, state.model)
         cleared = jnp.full_like(pending, BYTE_PAD)
-        return logits[:, -1], _cast_like(model, state.model), cleared, jnp.zeros((), jnp.int32)
+        return logits, _cast_like(model, state.model), cleared, jnp.zeros((), jnp.int32)
 
     branches = [partial_patch(j) for j in range(1, p)] + [complete_patch]
     logits, model, pending, count = jax.lax.switch(k, branches, None)

@@ -101,7 +101,7 @@ def _decode_loop(
     max_new_tokens,
     config,
 ):
-    batch, vocab = logits.shape
+    batch = logits.shape[0]
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     done = jnp.zeros((batch,), jnp.bool_)
     lengths = jnp.zeros((batch,), jnp.int32)
@@ -116,7 +116,8 @@ def _decode_loop(
         tok = jnp.where(done, pad_id, sample(logits, keys, config, presence))
         tokens = tokens.at[:, i].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
-        presence = presence | (jax.nn.one_hot(tok, vocab, dtype=jnp.bool_) & ~done[:, None])
+        # One element per row, not a dense [B, V] one-hot: the update stays in place.
+        presence = presence.at[jnp.arange(batch), tok].max(~done)
         done = done | (tok == eos_id)
         logits, state = step(module, params, state, tok)
         return i + 1, logits.astype(carry[1].dtype), state, tokens, done, lengths, presence

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 
 from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, rate, require
+from qpf.layers.head import LMHead
 from qpf.models.contract import DTYPES
 
 Array = jax.Array
@@ -50,17 +51,32 @@ def validate_common(cfg: Any) -> None:
     require(isinstance(cfg.tie_embeddings, bool), cfg, "tie_embeddings", "a bool")
 
 
+def output_head(
+    c: Any,
+    embed: nn.Embed,
+    x: Array,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    return_features: bool = False,
+) -> tuple[Array | None, Array | None, Array | None]:
+    """Final norm and LM head (tied to ``embed`` or its own ``lm_head``).
+
+    ``[B, T, d]`` -> (logits ``[B, T, V]``, None, None), or with ``return_features``
+    (None, features ``[B, T, d]``, head weight ``[d, V]``) for the fused head + loss.
+    Call from inside the model's compact ``__call__`` (names its submodules).
+    """
+    x = norm(c, name="final_norm")(x)
+    if c.tie_embeddings:
+        if not return_features:
+            return embed.attend(x), None, None
+        return None, x, embed.embedding.T
+    head = LMHead(c.vocab_size, dtype, param_dtype, kernel_init=normal_002, name="lm_head")
+    if not return_features:
+        return head(x), None, None
+    return None, x, head(x, return_weight=True)
+
+
 def output_logits(c: Any, embed: nn.Embed, x: Array, dtype: Dtype, param_dtype: Dtype) -> Array:
     """Final norm and LM head (tied to ``embed`` or its own ``lm_head``): ``[B, T, d]`` ->
     ``[B, T, V]``. Call from inside the model's compact ``__call__`` (names its submodules)."""
-    x = norm(c, name="final_norm")(x)
-    if c.tie_embeddings:
-        return embed.attend(x)
-    return nn.Dense(
-        c.vocab_size,
-        use_bias=False,
-        kernel_init=normal_002,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name="lm_head",
-    )(x)
+    return output_head(c, embed, x, dtype, param_dtype)[0]

@@ -44,7 +44,8 @@ DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "flo
 class ModelOutput:
     """What a forward pass returns.
 
-    logits: ``[B, T, V]``, logits[t] scores token t+1 (every input mode).
+    logits: ``[B, T, V]``, logits[t] scores token t+1 (every input mode); None when the
+      call asked for ``return_features`` and the model has a linear head.
     phase_states: the LM-head input ``[B, T', 2, d]`` of phase models (T' = complete
       patches in byte mode); None for models without phase states (baselines), so the
       phase objectives contribute nothing.
@@ -52,6 +53,11 @@ class ModelOutput:
     state: the decoding state after this input.
     prefix_logits / suffix_logits: affix heads ``[B, T, V_affix]`` (morphological mode).
     intermediates: per-stage tensors when requested (parity checks, analysis).
+    features / head_weight: with ``return_features``, the LM head's input ``[B, T, F]`` and
+      its weight ``[F, V]`` (logits = ``qpf.losses.head_logits(features, head_weight)``);
+      None otherwise. The fused output layer + loss uses them so that training and
+      evaluation never build the full ``[B, T, V]`` logits; a family whose head is not one
+      linear map simply does not accept ``return_features`` and the loss falls back.
     """
 
     logits: Array
@@ -61,6 +67,8 @@ class ModelOutput:
     prefix_logits: Array | None = None
     suffix_logits: Array | None = None
     intermediates: dict[str, Array] | None = None
+    features: Array | None = None
+    head_weight: Array | None = None
 
 
 def matmul_precision(config: Any) -> contextlib.AbstractContextManager:

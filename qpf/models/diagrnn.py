@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from qpf.config import positive_int, require
-from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_logits, validate_common
+from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_head, validate_common
 from qpf.models.contract import ModelOutput, State, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, register_family
 from qpf.ops.scan import linear_scan
@@ -178,9 +178,15 @@ class DiagRNN(nn.Module):
     @nn.compact
     @applies_matmul_precision
     def __call__(
-        self, inputs: Array, state: State | None = None, *, deterministic: bool = True
+        self,
+        inputs: Array,
+        state: State | None = None,
+        *,
+        deterministic: bool = True,
+        return_features: bool = False,
     ) -> ModelOutput:
-        """inputs int ``[B, T]``, state None or ``init_state(...)`` -> ModelOutput."""
+        """inputs int ``[B, T]``, state None or ``init_state(...)`` -> ModelOutput (with
+        ``return_features``: head input ``[B, T, d]`` and weight instead of logits)."""
         c = self.config
         dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
         state = init_state(c, inputs.shape[0]) if state is None else state
@@ -199,12 +205,14 @@ class DiagRNN(nn.Module):
             y = drop(y, deterministic=deterministic)
             x = x + (scales[i].astype(dt) * y).astype(x.dtype)
             finals.append(h_last)
-        logits = output_logits(c, embed, x, dt, pdt)
+        logits, features, weight = output_head(c, embed, x, dt, pdt, return_features)
         return ModelOutput(
             logits=logits,
             phase_states=None,
             coupling_loss=jnp.zeros((), jnp.float32),
             state={"pos": state["pos"] + inputs.shape[1], "h": jnp.stack(finals)},
+            features=features,
+            head_weight=weight,
         )
 
 

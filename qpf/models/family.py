@@ -4,6 +4,15 @@ A family bundles a frozen config dataclass, a constructor for its Flax module, i
 state and its named presets. Every family's module follows the call contract of
 ``qpf.models.contract`` and returns its ``ModelOutput``.
 
+Optional, for speed: a family whose ``__call__`` takes a keyword ``return_features`` (default
+False) may, when it is True, return ``logits=None`` with ``out.features [B, T, F]`` (the LM
+head's input) and ``out.head_weight [F, V]`` such that the logits are
+``qpf.losses.head_logits(features, head_weight)``. The training/evaluation loss then fuses
+the head with the cross-entropy (``qpf.losses.head_cross_entropy``: no ``[B, T, V]`` logits)
+and generation computes only the positions it needs. A family without the keyword, or one
+that still returns logits (features None, e.g. a non-linear head), gets the full-logits
+path automatically: ``apply_for_features`` decides, so no family has to opt in.
+
 Models are named ``family:preset`` (``qpf:tiny``, ``transformer:small``); a bare preset
 name means the qpf family.
 """
@@ -12,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -142,3 +152,19 @@ def resolve_model(spec: str) -> tuple[ModelFamily, Preset]:
     if not preset_name:
         raise ConfigError(f"model {spec!r}: give a preset, e.g. {family.name}:tiny")
     return family, family.preset(preset_name)
+
+
+def accepts_return_features(module: nn.Module) -> bool:
+    """Whether the module's ``__call__`` takes the ``return_features`` keyword."""
+    return "return_features" in inspect.signature(type(module).__call__).parameters
+
+
+def apply_for_features(module: nn.Module, variables: Any, inputs: Any, *args: Any, **kw: Any):
+    """``module.apply`` asking for pre-head features when the family offers them.
+
+    Returns the ``ModelOutput``: with ``features``/``head_weight`` set (logits None) for
+    families that take ``return_features``, else the ordinary full-logits output.
+    """
+    if accepts_return_features(module):
+        kw["return_features"] = True
+    return module.apply(variables, inputs, *args, **kw)

@@ -26,6 +26,7 @@ from qpf.layers.embeddings import (
     BytePatchEncoder,
     MorphologyEmbed,
 )
+from qpf.layers.head import LMHead
 from qpf.layers.memory import EpisodicMemory
 from qpf.layers.memory import PhaseAssociativeMemory as _Memory  # noqa: F401  (registers)
 from qpf.layers.ssm import OscillatorySSM
@@ -106,7 +107,7 @@ class QPFModel(nn.Module):
         if c.input_mode != "byte_patch":
             self.head_proj = Phase2DLinear(features=c.dim, **kw)
             self.head_norm = Phase2DLayerNorm(param_dtype=kw["param_dtype"])
-            self.output_proj = dense(c.vocab_size, use_bias=False, **kw)
+            self.output_proj = LMHead(c.vocab_size, **kw)
         if c.input_mode == "morphological":
             m = c.morphology
             self.prefix_head = dense(m.prefix_vocab_size, use_bias=False, **kw)
@@ -123,6 +124,7 @@ class QPFModel(nn.Module):
         deterministic: bool = True,
         language_ids: Array | None = None,
         return_intermediates: bool = False,
+        return_features: bool = False,
     ) -> ModelOutput:
         """Forward over a chunk of tokens.
 
@@ -135,6 +137,9 @@ class QPFModel(nn.Module):
           deterministic: False enables dropout (needs a 'dropout' rng).
           language_ids: ``[B]`` ids for the language bank (default 0).
           return_intermediates: also return every stage's tensor.
+          return_features: return the head input ``features [B, T, 2d]`` and
+            ``head_weight [2d, V]`` instead of logits (token and morphological modes; the
+            byte-patch decoder is not linear and still returns logits).
         """
         batch = inputs.shape[0]
         fresh = state is None
@@ -154,11 +159,13 @@ class QPFModel(nn.Module):
         new_state["pos"] = state["pos"] + inputs.shape[1]
         u = p2d.to_concat(self.head_norm(self.head_proj(h)))
         out = ModelOutput(
-            logits=self.output_proj(u),
+            logits=None if return_features else self.output_proj(u),
             phase_states=h,
             coupling_loss=coupling,
             state=new_state,
             intermediates=inter if return_intermediates else None,
+            features=u if return_features else None,
+            head_weight=self.output_proj(u, return_weight=True) if return_features else None,
         )
         if self.config.input_mode == "morphological":
             out = out.replace(prefix_logits=self.prefix_head(u), suffix_logits=self.suffix_head(u))

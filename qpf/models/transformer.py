@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from qpf.config import one_of, positive_int, require
-from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_logits, validate_common
+from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_head, validate_common
 from qpf.models.contract import ModelOutput, State, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, register_family
 
@@ -275,9 +275,15 @@ class Transformer(nn.Module):
     @nn.compact
     @applies_matmul_precision
     def __call__(
-        self, inputs: Array, state: State | None = None, *, deterministic: bool = True
+        self,
+        inputs: Array,
+        state: State | None = None,
+        *,
+        deterministic: bool = True,
+        return_features: bool = False,
     ) -> ModelOutput:
-        """inputs int ``[B, T]``, state None or a KV cache -> ModelOutput (logits ``[B, T, V]``)."""
+        """inputs int ``[B, T]``, state None or a KV cache -> ModelOutput (logits ``[B, T, V]``;
+        with ``return_features`` the final-norm output ``[B, T, d]`` and head weight instead)."""
         c = self.config
         dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
         t = inputs.shape[1]
@@ -310,20 +316,25 @@ class Transformer(nn.Module):
             x, (k, v) = Block(c, name=f"blocks_{i}")(x, positions, cache, deterministic)
             ks.append(k)
             vs.append(v)
-        logits = output_logits(c, embed, x, dt, pdt)
+        logits, features, weight = output_head(c, embed, x, dt, pdt, return_features)
 
         new_pos = pos + t
         if state is not None:
             ok = new_pos <= state["k"].shape[2]
             if c.positions == "learned":
                 ok = ok & (new_pos <= c.max_len)
-            logits = jnp.where(ok, logits, jnp.nan).astype(logits.dtype)
+            # NaN features give NaN logits through the head as well.
+            logits = None if logits is None else jnp.where(ok, logits, jnp.nan).astype(logits.dtype)
+            if features is not None:
+                features = jnp.where(ok, features, jnp.nan).astype(features.dtype)
         new_state = {"pos": new_pos, "k": jnp.stack(ks), "v": jnp.stack(vs)}
         return ModelOutput(
             logits=logits,
             phase_states=None,
             coupling_loss=jnp.zeros((), jnp.float32),
             state=new_state,
+            features=features,
+            head_weight=weight,
         )
 
 

@@ -19,6 +19,8 @@ from qpf.training import qfe
 
 Array = jax.Array
 
+CE_IMPLS = ("fused", "plain")
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -28,6 +30,10 @@ class LossConfig:
     upstream). affix: weight of the prefix + suffix CE in morphological mode (0.3 upstream).
     qfe: weight λ of the Wave-Native GPT's spectral coherence (``qpf.training.qfe``; its
     benchmark used 0.05, off by default); qfe_threshold: its amplitude gate τ_A.
+    ce_impl: how the token CE is computed when the model returns pre-head features:
+    'fused' (``losses.head_cross_entropy``: head and CE in chunks of ``head_chunk``
+    positions, no full logits) or 'plain' (full logits, then log-softmax: the reference).
+    Models that return logits always take the plain path.
     """
 
     ce: float = 1.0
@@ -38,9 +44,21 @@ class LossConfig:
     affix: float = 0.3
     qfe: float = 0.0
     qfe_threshold: float = 0.01
+    ce_impl: str = "fused"
+    head_chunk: int = losses.HEAD_CHUNK
 
     def __post_init__(self) -> None:
+        if self.ce_impl not in CE_IMPLS:
+            raise ConfigError(
+                f"LossConfig.ce_impl = {self.ce_impl!r} is invalid: allowed " + ", ".join(CE_IMPLS)
+            )
+        if not (isinstance(self.head_chunk, int) and self.head_chunk >= 1):
+            raise ConfigError(
+                f"LossConfig.head_chunk = {self.head_chunk!r} is invalid: allowed an int >= 1"
+            )
         for f in dataclasses.fields(self):
+            if f.name in ("ce_impl", "head_chunk"):
+                continue
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or (f.name != "energy_target" and value < 0):
                 raise ConfigError(
@@ -70,7 +88,7 @@ def objective_terms(out: Any, tokens: Array, mask: Array, cfg: LossConfig) -> di
     roots = tokens[..., 0] if tokens.ndim == 3 else tokens
     targets = roots[:, 1:]
     tmask = mask[:, 1:]  # logits[t] scores token t+1 when that token is real
-    ce_sum, count = losses.token_cross_entropy(out.logits[:, :-1], targets, tmask)
+    ce_sum, count = token_ce(out, targets, tmask, cfg)
     terms = {
         "ce_sum": ce_sum,
         "tokens": count,
@@ -87,17 +105,39 @@ def objective_terms(out: Any, tokens: Array, mask: Array, cfg: LossConfig) -> di
         pre, _ = losses.token_cross_entropy(out.prefix_logits[:, :-1], tokens[:, 1:, 1], tmask)
         suf, _ = losses.token_cross_entropy(out.suffix_logits[:, :-1], tokens[:, 1:, 2], tmask)
         terms["affix"] = (pre + suf) / jnp.maximum(count, 1.0)
-    terms["qfe"] = qfe_term(out.logits[:, :-1], targets, tmask, cfg)
+    terms["qfe"] = qfe_term(out, targets, tmask, cfg)
     return terms
 
 
-def qfe_term(logits: Array, targets: Array, tmask: Array, cfg: LossConfig) -> Array:
-    """The QFE coherence of next-token logits ``[B, T-1, V]`` (0 when its weight is 0).
+def token_ce(out: Any, targets: Array, tmask: Array, cfg: LossConfig) -> tuple[Array, Array]:
+    """Summed next-token CE and count: targets/tmask ``[B, T-1]`` against positions ``:-1``.
 
-    V > 256 uses the fixed random projection, as the original does.
+    Fused head + CE when the output carries ``features`` (the last position, which scores
+    no target, is sliced off before the head), else log-softmax over ``out.logits``.
+    """
+    if getattr(out, "features", None) is None:
+        return losses.token_cross_entropy(out.logits[:, :-1], targets, tmask)
+    if cfg.ce_impl == "plain":
+        logits = losses.head_logits(out.features, out.head_weight)
+        return losses.token_cross_entropy(logits[:, :-1], targets, tmask)
+    return losses.head_cross_entropy(
+        out.features[:, :-1], out.head_weight, targets, tmask, chunk_size=cfg.head_chunk
+    )
+
+
+def qfe_term(out: Any, targets: Array, tmask: Array, cfg: LossConfig) -> Array:
+    """The QFE coherence of the next-token logits ``[B, T-1, V]`` (0 when its weight is 0).
+
+    It needs the full logits: a model that returned pre-head features gets them built
+    from the head here (only when the term is on). V > 256 uses the fixed random
+    projection, as the original does.
     """
     if cfg.qfe == 0:
         return jnp.zeros((), jnp.float32)
+    if getattr(out, "features", None) is None:
+        logits = out.logits[:, :-1]
+    else:
+        logits = losses.head_logits(out.features[:, :-1], out.head_weight)
     v = logits.shape[-1]
     proj = qfe.qfe_projection(v) if v > qfe.PROJECTION_DIM else None
     return qfe.spectral_coherence(
