@@ -80,7 +80,12 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def _ensure_registered() -> None:
     # Importing the modules registers their families (qpf first, then the baselines).
-    for module in ("qpf.presets", "qpf.models.transformer", "qpf.models.diagrnn"):
+    for module in (
+        "qpf.presets",
+        "qpf.models.transformer",
+        "qpf.models.diagrnn",
+        "qpf.models.qllm_v2",
+    ):
         importlib.import_module(module)
 
 

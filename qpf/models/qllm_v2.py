@@ -513,7 +513,7 @@ class QLLMv2(nn.Module):
         """The training-only evolve step with draws from the 'quantum' (else 'dropout') rng."""
         key = self.make_rng("quantum" if self.has_rng("quantum") else "dropout")
         k1, k2, k3 = jax.random.split(key, 3)
-        b, n, _ = e.shape
+        n = e.shape[1]
         return ops.evolve_quantum_state(
             e,
             step,
@@ -566,7 +566,7 @@ class QLLMv2(nn.Module):
             }
         else:
             pos = state["pos"]
-            b, t = inputs.shape
+            t = inputs.shape[1]
             buf = jax.lax.dynamic_update_slice(state["tokens"], inputs.astype(jnp.int32), (0, pos))
             full, taps = self.forward_tokens(buf, deterministic, training_step)
             logits = jax.lax.dynamic_slice_in_dim(full, pos, t, axis=1)
@@ -607,3 +607,145 @@ def original_param_count(config: QLLMv2Config, params: Any) -> int:
     """The original's count for this config: our parameters plus the unused ones."""
     leaves = jax.tree.leaves(params)
     return sum(int(math.prod(x.shape)) for x in leaves) + unused_original_params(config)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclasses.dataclass(frozen=True)
+class V2Preset(Preset):
+    """A preset whose 256-byte vocabulary (the original's) also uses the byte tokenizer."""
+
+    @property
+    def tokenizer(self) -> str:
+        return "byte" if self.model.vocab_size <= 259 else "gpt2"
+
+
+_ORIGINAL = {"vocab_size": 256, "num_concepts": 512, "concept_dim": 256, "max_seq_len": 512}
+# tiny/small/-byte match the transformer presets' parameter counts (13,191,552 /
+# 63,493,120 / 689,664 / 12,377,600) within 4%: GPT-2-vocabulary presets need small
+# per-token tables (K, C, P, a rank-r similarity) because the original keeps seven of them.
+# processor_max_dim bounds the processors' levels (1024 upstream gives ~1M params per layer
+# at small D, most of it in branches a batch never takes).
+_SMALL_VOCAB = {"num_concepts": 32, "concept_dim": 32, "concept_heads": 4, "phase_dim": 16}
+_TABLE: dict[str, tuple[dict[str, Any], int, float]] = {
+    # name: (config fields, batch size, learning rate)
+    "cli": ({**_ORIGINAL, "dim": 512, "num_layers": 8, "num_heads": 8, "phase_dim": 64}, 4, 3e-4),
+    "run-training": (
+        {
+            **_ORIGINAL,
+            "dim": 768,
+            "num_layers": 12,
+            "num_heads": 12,
+            "phase_dim": 128,
+            "use_checkpoint": True,
+        },
+        16,
+        3e-4,
+    ),
+    "tiny": (
+        {
+            **_SMALL_VOCAB,
+            "vocab_size": 50257,
+            "dim": 80,
+            "num_layers": 4,
+            "num_heads": 2,
+            "similarity_rank": 16,
+            "processor_max_dim": 80,
+            "max_seq_len": 1024,
+        },
+        16,
+        1e-3,
+    ),
+    "small": (
+        {
+            "vocab_size": 50257,
+            "dim": 480,
+            "num_layers": 6,
+            "num_heads": 2,
+            "phase_dim": 32,
+            "concept_dim": 64,
+            "num_concepts": 64,
+            "similarity_rank": 32,
+            "processor_max_dim": 480,
+            "max_seq_len": 1024,
+        },
+        8,
+        6e-4,
+    ),
+    "tiny-byte": (
+        {
+            "vocab_size": 259,
+            "dim": 96,
+            "num_layers": 6,
+            "num_heads": 2,
+            "phase_dim": 16,
+            "concept_dim": 32,
+            "num_concepts": 64,
+            "concept_heads": 4,
+            "processor_max_dim": 145,
+            "max_seq_len": 1024,
+        },
+        32,
+        1e-3,
+    ),
+    "small-byte": (
+        {
+            "vocab_size": 259,
+            "dim": 384,
+            "num_layers": 10,
+            "num_heads": 4,
+            "phase_dim": 48,
+            "concept_dim": 128,
+            "num_concepts": 512,
+            "processor_max_dim": 577,
+            "max_seq_len": 1024,
+        },
+        16,
+        6e-4,
+    ),
+    # Tests: prime-ish small shapes, one processor branch (levels 0) so every parameter is
+    # on the path of every batch.
+    "test": (
+        {
+            "vocab_size": 259,
+            "dim": 24,
+            "num_layers": 2,
+            "num_heads": 2,
+            "phase_dim": 7,
+            "concept_dim": 16,
+            "num_concepts": 13,
+            "concept_heads": 2,
+            "concept_blocks": 2,
+            "processor_max_dim": 24,
+            "max_seq_len": 64,
+            "scales": (1, 2, 4),
+            "context_window": 3,
+            "semantic_window": 3,
+        },
+        8,
+        1e-3,
+    ),
+}
+
+
+def _preset(name: str, mode: str) -> V2Preset:
+    fields, batch, lr = _TABLE[name]
+    model = QLLMv2Config(**fields, mode=mode)
+    suffix = "" if mode == "causal" else "-faithful"
+    return V2Preset(name=name + suffix, model=model, batch_size=batch, learning_rate=lr)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p for name in _TABLE for p in (_preset(name, "causal"), _preset(name, "faithful"))
+}
+
+QLLM_V2_FAMILY = register_family(
+    ModelFamily(
+        name="qllm_v2",
+        config_cls=QLLMv2Config,
+        build=lambda config: QLLMv2(config=config),
+        init_state=init_state,
+        presets=PRESETS,
+    )
+)

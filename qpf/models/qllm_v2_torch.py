@@ -32,11 +32,8 @@ _LINEAR_PREFIXES = {
     "phase_projection": ("phase_projection",),
     "output_proj": ("output_proj",),
     "global_interference.output_proj": ("global_interference", "output_proj"),
-    "concept_layer.semantic_coherence": ("concept_layer", "semantic_coherence"),
-    "concept_layer.concept_to_token": ("concept_layer", "concept_to_token"),
 }
-_APC_LINEARS = ("scale_projection", "semantic_projection", "context_projection",
-                "coherence_fusion")
+_APC_LINEARS = ("scale_projection", "semantic_projection", "context_projection", "coherence_fusion")
 
 
 def config_from_torch(kwargs: Mapping[str, Any], **overrides: Any) -> QLLMv2Config:
@@ -83,6 +80,8 @@ def _concept(tree: dict, rest: str, v: np.ndarray, cfg: QLLMv2Config) -> bool:
         _set(tree, (*root, "language_gates"), v[:1])
     elif m := re.fullmatch(r"(norm[12])\.(weight|bias)", rest):
         _norm(tree, (*root, m[1]), m[2], v)
+    elif m := re.fullmatch(r"(semantic_coherence|concept_to_token)\.(weight|bias)", rest):
+        _linear(tree, (*root, m[1]), m[2], v)
     elif m := re.fullmatch(r"concept_projections\.(\d+)\.(weight|bias)", rest):
         _linear(tree, (*root, f"concept_projections_{m[1]}"), m[2], v)
     elif m := re.fullmatch(r"concept_attention\.in_proj_(weight|bias)", rest):
@@ -127,12 +126,15 @@ def _one(tree: dict, key: str, v: np.ndarray, cfg: QLLMv2Config) -> bool:
     elif key == "quantum_uncertainty":
         if cfg.evolve:
             _set(tree, (key,), v)
-    elif head == "concept_layer" and _concept(tree, rest, v, cfg):
-        pass
-    elif head == "advanced_phase_coherence" and _apc(tree, rest, v):
-        pass
-    elif m := re.fullmatch(r"quantum_layers\.(\d+)\.(base_op|expand_ops\.\d+|contract_ops\.\d+)"
-                           r"\.(weight|bias)", key):
+    elif head == "concept_layer":
+        return _concept(tree, rest, v, cfg)
+    elif head == "advanced_phase_coherence":
+        return _apc(tree, rest, v)
+    elif m := re.fullmatch(
+        r"quantum_layers\.(\d+)\.(base_op|expand_ops\.\d+|contract_ops\.\d+)"
+        r"\.(weight|bias)",
+        key,
+    ):
         name = m[2].replace(".", "_")
         suffix = "kernel" if m[3] == "weight" else "bias"
         _set(tree, (f"quantum_layers_{m[1]}", f"{name}_{suffix}"), v.T if m[3] == "weight" else v)

@@ -173,7 +173,7 @@ def processor_levels(dim: int, max_dim: int) -> int:
     """⌊log₁.₅(max_dim / D)⌋ expand levels (0 when D >= max_dim)."""
     if dim >= max_dim:
         return 0
-    return int(math.floor(math.log(max_dim / dim, PROCESSOR_GROWTH)))
+    return math.floor(math.log(max_dim / dim, PROCESSOR_GROWTH))
 
 
 def processor_widths(dim: int, max_dim: int) -> tuple[int, ...]:
