@@ -127,6 +127,7 @@ def _ensure_registered() -> None:
         "qpf.models.wavegpt",
         "qpf.models.qllm",
         "qpf.models.qllm_v3",
+        "qpf.models.qllm_v2",
     ):
         importlib.import_module(module)
 
