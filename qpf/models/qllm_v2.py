@@ -747,5 +747,10 @@ QLLM_V2_FAMILY = register_family(
         build=lambda config: QLLMv2(config=config),
         init_state=init_state,
         presets=PRESETS,
+        expected_leak=lambda config: (
+            "faithful mode reproduces the original's future-token leaks (spec §A11)"
+            if config.mode == "faithful"
+            else ""
+        ),
     )
 )
