@@ -35,9 +35,14 @@ def norm(c: Any, name: str) -> nn.Module:
     (float64 under x64); parameters ``scale`` (and ``bias`` for LayerNorm) in
     ``c.param_dtype``. LayerNorm uses the two-pass variance E[(x - mean)²].
     """
-
-
-NORMS = ("rmsnorm", "layernorm", "torch_layernorm")
+    kw = {"epsilon": NORM_EPS, "dtype": DTYPES[c.dtype], "param_dtype": DTYPES[c.param_dtype]}
+    if c.norm == "rmsnorm":
+        return nn.RMSNorm(**kw, name=name)
+    if c.norm in ("layernorm", "torch_layernorm"):
+        if c.norm == "torch_layernorm":
+            kw["epsilon"] = TORCH_LN_EPS
+        return nn.LayerNorm(**kw, use_fast_variance=False, name=name)
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {c.norm!r}")
 
 
 def validate_common(cfg: Any) -> None:
