@@ -698,5 +698,11 @@ LIGHTWAVE_FAMILY = register_family(
         build=lambda config: Lightwave(config=config),
         init_state=init_state,
         presets=PRESETS,
+        exempt={
+            "bf16": "bfloat16 compute moves the neural-mode logits by up to 0.29 of their "
+            "spread at the test preset (measured 2026-12-02; the M inner evolution steps "
+            "compound each layer's rounding); the wave mode's 0.011 would pass, but an "
+            "exemption is per family",
+        },
     )
 )
