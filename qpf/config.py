@@ -43,9 +43,9 @@ def _is_int(v: Any) -> bool:
 
 
 def positive_int(obj: Any, *fields: str) -> None:
-    """Each of ``fields`` is an int > 0."""
+    """Each of ``fields`` is an int >= 1."""
     for f in fields:
-        require(_is_int(getattr(obj, f)) and getattr(obj, f) > 0, obj, f, "an int > 0")
+        require(_is_int(getattr(obj, f)) and getattr(obj, f) > 0, obj, f, "an int >= 1")
 
 
 def nonnegative_int(obj: Any, *fields: str) -> None:
