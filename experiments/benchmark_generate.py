@@ -8,7 +8,7 @@ carried state), decode tokens/s (the compiled sampling loop) and peak memory —
 of this process on CPU (``resource.getrusage``; it only grows, so it is the peak so far),
 the device's ``peak_bytes_in_use`` on accelerators. Compilation is excluded: each shape is
 run once before it is timed. Sampling follows ``--temperature/--top-k/--top-p``; the
-sampler alone (``qpf.sampling.sample``) and its dense reference (``sample_reference``) are
+sampler alone (``qpf.ops.sampling.sample``) and its dense reference (``sample_reference``) are
 also timed on the prompt's last logits. Prints a markdown table.
 """
 
@@ -30,7 +30,7 @@ from qpf.config import apply_overrides
 from qpf.generation import decode, prefill
 from qpf.generation.core import patch_size
 from qpf.models.family import resolve_model
-from qpf.sampling import SamplingConfig, row_keys, sample, sample_reference
+from qpf.ops.sampling import SamplingConfig, row_keys, sample, sample_reference
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

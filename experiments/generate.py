@@ -19,7 +19,7 @@ from pathlib import Path
 from experiments.cli import run_main, setup_logging
 from qpf.config import ConfigError
 from qpf.generation.from_run import DEFAULT_CHUNK, GenerateOptions, stream_loaded
-from qpf.sampling import SamplingConfig
+from qpf.ops.sampling import SamplingConfig
 from qpf.training.restore import CHECKPOINT_CHOICES, load_run
 
 

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qpf import losses
 from qpf.models.qllm import QLLM, QLLMConfig
+from qpf.ops import losses
 
 WINDOW = 256  # upstream's headline seq_length
 HEADLINE_PPL = 3.425

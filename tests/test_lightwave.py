@@ -22,7 +22,7 @@ from qpf.generation.original_beam import OriginalBeamConfig, original_beam_searc
 from qpf.models import lightwave as lw
 from qpf.models import lightwave_weights as lww
 from qpf.models.family import get_family, resolve_model
-from qpf.sampling import SamplingConfig
+from qpf.ops.sampling import SamplingConfig
 
 EOT = 50256
 

@@ -13,12 +13,12 @@ import pytest
 from flax import linen as nn
 
 from qpf import config as cfgs
-from qpf import losses
 from qpf.models.contract import ModelOutput
 from qpf.models.diagrnn import DiagRNN, DiagRNNConfig
 from qpf.models.family import accepts_return_features, apply_for_features
-from qpf.models.qpf import QPFModel
+from qpf.models.phase_field import QPFModel
 from qpf.models.transformer import Transformer, TransformerConfig
+from qpf.ops import losses
 from qpf.training.objectives import LossConfig, objective_terms
 
 N, F, V = (3, 23), 13, 61

@@ -9,7 +9,7 @@ import pytest
 
 from qpf import config as cfgs
 from qpf.config import ConfigError
-from qpf.models.qpf import QPFModel
+from qpf.models.phase_field import QPFModel
 from qpf.training.optim import OptimConfig, decay_mask, decays, lr_schedule, make_optimizer
 
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from conftest import fixture_files
 
-from qpf import losses
 from qpf.models.qllm import QLLM, QLLMConfig
 from qpf.models.qllm_compat import (
     config_from_kwargs,
@@ -28,7 +27,8 @@ from qpf.models.qllm_compat import (
     upstream_filter,
     upstream_penalty,
 )
-from qpf.sampling import apply_repetition_penalty, filter_logits, presence_from_tokens
+from qpf.ops import losses
+from qpf.ops.sampling import apply_repetition_penalty, filter_logits, presence_from_tokens
 
 TOL = {"f32": {"rtol": 1e-4, "atol": 1e-5}, "f64": {"rtol": 1e-7, "atol": 1e-9}}
 NOT_OUTPUTS = ("config_json", "meta_json", "input_ids", "target_ids")

@@ -26,7 +26,7 @@ from qpf.models.qllm_v3 import (
     init_state,
 )
 from qpf.ops import v3_ops as ops
-from qpf.sampling import SamplingConfig
+from qpf.ops.sampling import SamplingConfig
 
 TRANSFORMER = {"tiny": 13191552, "small": 63493120, "tiny-byte": 689664, "small-byte": 12377600}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qpf.config import ConfigError
-from qpf.sampling import (
+from qpf.ops.sampling import (
     TOP_P_CANDIDATES,
     SamplingConfig,
     apply_repetition_penalty,

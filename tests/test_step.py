@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from qpf import config as cfgs
-from qpf.models.qpf import QPFModel
+from qpf.models.phase_field import QPFModel
 from qpf.training import step as step_module
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 from qpf.training.optim import OptimConfig, make_optimizer

@@ -28,10 +28,10 @@ import parity
 import pytest
 from conftest import golden_patterns, require_shared
 
-from qpf import losses
 from qpf.layers.coupler import coupling_loss
 from qpf.models import QPFModel
 from qpf.models import torch_weights as tw
+from qpf.ops import losses
 from qpf.ops import phase2d as p2d
 
 # Fixture keys that qpf deliberately does not reproduce, with the reason.
@@ -118,7 +118,7 @@ def compare(z: dict, got: dict, prefix: str, tol: Callable[[str], tuple[float, f
             )  # fmt: skip
         elif name.startswith("loss/") and np.isnan(ref):
             # The original averages over an empty set at T=1 and returns NaN; qpf returns 0
-            # with a token count of 0 (documented in qpf.losses).
+            # with a token count of 0 (documented in qpf.ops.losses).
             if got["_token_count"] != 0 or np.isnan(ours):
                 failures.append(f"{name}: reference NaN (no targets) but qpf gave {ours}")
         elif np.issubdtype(ref.dtype, np.integer):

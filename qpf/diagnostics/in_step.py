@@ -20,7 +20,7 @@ from flax import linen as nn
 
 from qpf.diagnostics import model_stats
 from qpf.diagnostics.philosophy import bank_summary, philosophy_metrics
-from qpf.losses import head_logits
+from qpf.ops.losses import head_logits
 
 Array = jax.Array
 

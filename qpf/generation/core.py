@@ -26,8 +26,8 @@ import numpy as np
 from flax import linen as nn
 
 from qpf.config import ConfigError
-from qpf.losses import head_logits
 from qpf.models.family import apply_for_features
+from qpf.ops.losses import head_logits
 
 Array = jax.Array
 State = dict[str, Any]

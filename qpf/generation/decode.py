@@ -19,7 +19,13 @@ from qpf.generation.core import (
     step,
     take_rows,
 )
-from qpf.sampling import DEFAULT_SAMPLING, SamplingConfig, presence_from_tokens, row_keys, sample
+from qpf.ops.sampling import (
+    DEFAULT_SAMPLING,
+    SamplingConfig,
+    presence_from_tokens,
+    row_keys,
+    sample,
+)
 
 Array = jax.Array
 

@@ -22,7 +22,7 @@ from qpf.data.tokenizers import Tokenizer
 from qpf.generation.core import input_mode, patch_size, prefill, start_state
 from qpf.generation.decode import beam_search
 from qpf.generation.text import generate_text
-from qpf.sampling import DEFAULT_SAMPLING, SamplingConfig
+from qpf.ops.sampling import DEFAULT_SAMPLING, SamplingConfig
 from qpf.training.restore import LoadedRun, load_run
 
 DEFAULT_CHUNK = 4096  # prefill tokens per compiled call: flat memory, few compiled shapes

@@ -12,7 +12,7 @@ from flax import linen as nn
 from qpf.config import ConfigError
 from qpf.generation.core import DecodeState, Params, prefill
 from qpf.generation.decode import decode
-from qpf.sampling import DEFAULT_SAMPLING, SamplingConfig, presence_from_tokens
+from qpf.ops.sampling import DEFAULT_SAMPLING, SamplingConfig, presence_from_tokens
 
 
 def generate_text(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from qpf.generation import generate
-from qpf.sampling import SamplingConfig
+from qpf.ops.sampling import SamplingConfig
 
 
 def make_sample_fn() -> Callable[[Any, Any], str]:

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.losses import head_logits
+from qpf.ops.losses import head_logits
 
 Array = jax.Array
 Dtype = Any

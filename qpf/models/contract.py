@@ -54,7 +54,7 @@ class ModelOutput:
     prefix_logits / suffix_logits: affix heads ``[B, T, V_affix]`` (morphological mode).
     intermediates: per-stage tensors when requested (parity checks, analysis).
     features / head_weight: with ``return_features``, the LM head's input ``[B, T, F]`` and
-      its weight ``[F, V]`` (logits = ``qpf.losses.head_logits(features, head_weight)``);
+      its weight ``[F, V]`` (logits = ``qpf.ops.losses.head_logits(features, head_weight)``);
       None otherwise. The fused output layer + loss uses them so that training and
       evaluation never build the full ``[B, T, V]`` logits; a family whose head is not one
       linear map simply does not accept ``return_features`` and the loss falls back.

@@ -7,8 +7,8 @@ state and its named presets. Every family's module follows the call contract of
 Optional, for speed: a family whose ``__call__`` takes a keyword ``return_features`` (default
 False) may, when it is True, return ``logits=None`` with ``out.features [B, T, F]`` (the LM
 head's input) and ``out.head_weight [F, V]`` such that the logits are
-``qpf.losses.head_logits(features, head_weight)``. The training/evaluation loss then fuses
-the head with the cross-entropy (``qpf.losses.head_cross_entropy``: no ``[B, T, V]`` logits)
+``qpf.ops.losses.head_logits(features, head_weight)``. The training/evaluation loss then fuses
+the head with the cross-entropy (``qpf.ops.losses.head_cross_entropy``: no ``[B, T, V]`` logits)
 and generation computes only the positions it needs. A family without the keyword, or one
 that still returns logits (features None, e.g. a non-linear head), gets the full-logits
 path automatically: ``apply_for_features`` decides, so no family has to opt in.

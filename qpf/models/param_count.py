@@ -32,7 +32,7 @@ _COMPONENT = {
 
 def param_shapes(config: cfgs.ModelConfig) -> Any:
     """The params pytree of a model as ShapeDtypeStructs (``jax.eval_shape`` of init)."""
-    from qpf.models.qpf import QPFModel  # imported here: qpf.models imports this module
+    from qpf.models.phase_field import QPFModel  # imported here: qpf.models imports this module
 
     tokens = (1, 8, 3) if config.input_mode == "morphological" else (1, 8)
     init = lambda key: QPFModel(config).init(key, jnp.zeros(tokens, jnp.int32))  # noqa: E731

@@ -9,7 +9,7 @@
   crosses p, and min-p is an absolute probability threshold that can remove every token
   (the probabilities are then NaN). For parity and for explaining upstream samples only.
 * ``fixed_sampling``: the same knobs mapped onto qpf's shared sampler
-  (``qpf.sampling``), which fixes those bugs: a sign-aware penalty applied once per
+  (``qpf.ops.sampling``), which fixes those bugs: a sign-aware penalty applied once per
   present token, the standard top-p and a min-p relative to the most likely token.
 * ``generate_windowed``: upstream's generation loop: the context is the *first*
   ``max_len`` prompt bytes (a space if empty) and each step re-runs the full forward on the
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qpf.models.qllm import QLLM, QLLMConfig
-from qpf.sampling import SamplingConfig
+from qpf.ops.sampling import SamplingConfig
 
 Array = jax.Array
 

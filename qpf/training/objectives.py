@@ -13,8 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qpf import losses
 from qpf.config import ConfigError
+from qpf.ops import losses
 from qpf.training import qfe
 
 Array = jax.Array
