@@ -87,7 +87,8 @@ QPF_FAMILY = register_family(
         exempt={
             "bf16": "bfloat16 compute moves logits by up to ~1x their spread at the test "
             "preset (measured max 0.98, mean 0.07 of the spread: memory top-k near-ties flip "
-            "and the banks amplify rounding); tests/test_phase_field.py bounds it in absolute terms",
+            "and the banks amplify rounding); tests/test_phase_field.py bounds it in absolute "
+            "terms",
         },
         piece_alignment=lambda c: c.byte_patch.patch_size if c.input_mode == "byte_patch" else 1,
     )

@@ -59,8 +59,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import one_of, positive_int, require
-from qpf.models.contract import ModelOutput
+from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, require
+from qpf.models.contract import ModelOutput, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, State, register_family
 
 Array = jax.Array
@@ -71,7 +71,6 @@ MODES = ("wave", "neural")
 COINS = ("splitter", "fixed")
 LN_EPS = 1e-5  # torch F.layer_norm default
 QUANT_EPS = 1e-8  # the original's scale guard
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +86,7 @@ class LightwaveConfig:
     quant_bits: simulated symmetric quantization of every LoRA-linear weight and bias
     (None = off); quant_ste: straight-through gradient through it.
     max_len: default cache length of ``init_state``.
+    matmul_precision: precision of float32 matrix products (``qpf.config.MATMUL_PRECISIONS``).
     dtype: compute dtype of the projections and the readout (state stays float32).
     """
 
@@ -108,8 +108,10 @@ class LightwaveConfig:
     max_len: int = 1024
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
+        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
         positive_int(
             self,
             "vocab_size",
@@ -283,15 +285,15 @@ def neural_modulate(
     b, d = z.shape[0], config.dim
     h, e = config.num_heads, 2 * config.head_dim
     acc = z.dtype
-    q = lora_linear(p["q_proj"], z.reshape(b, 2 * d), config, HIGHEST).astype(acc)
+    q = lora_linear(p["q_proj"], z.reshape(b, 2 * d), config).astype(acc)
     q = q.reshape(b, h, e)
     k = keys.reshape(keys.shape[0], keys.shape[1], h, e)
     v = values.reshape(values.shape[0], values.shape[1], h, e)
-    scores = jnp.einsum("bhe,bshe->bhs", q, k, precision=HIGHEST) / math.sqrt(config.head_dim)
+    scores = jnp.einsum("bhe,bshe->bhs", q, k) / math.sqrt(config.head_dim)
     scores = jnp.where(valid, scores, jnp.finfo(acc).min)
     weights = jax.nn.softmax(scores, axis=-1) * valid
-    o = jnp.einsum("bhs,bshe->bhe", weights, v, precision=HIGHEST).reshape(b, 2 * d)
-    out = lora_linear(p["out_proj"], o, config, HIGHEST).astype(acc)
+    o = jnp.einsum("bhs,bshe->bhe", weights, v).reshape(b, 2 * d)
+    out = lora_linear(p["out_proj"], o, config).astype(acc)
     return out.reshape(b, d, 2), weights
 
 
@@ -356,8 +358,8 @@ def project_cache_entry(
     (key, value) ``[..., D, 2]`` in z's dtype."""
     mp = p["modulator"]
     flat = z.reshape(*z.shape[:-2], 2 * config.dim)
-    k = lora_linear(mp["k_proj"], flat, config, HIGHEST).astype(z.dtype)
-    v = lora_linear(mp["v_proj"], flat, config, HIGHEST).astype(z.dtype)
+    k = lora_linear(mp["k_proj"], flat, config).astype(z.dtype)
+    v = lora_linear(mp["v_proj"], flat, config).astype(z.dtype)
     row = jnp.minimum(position, config.rel_max_dist)
     bias = jnp.take(mp["rel_bias"]["table"], row, axis=0).astype(z.dtype)
     return k.reshape(z.shape) + bias, v.reshape(z.shape)
@@ -563,6 +565,7 @@ class Lightwave(nn.Module):
     config: LightwaveConfig
 
     @nn.compact
+    @applies_matmul_precision
     def __call__(
         self,
         inputs: Array,

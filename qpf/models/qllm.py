@@ -51,9 +51,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import one_of, positive_int, rate, require
+from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, rate, require
 from qpf.models.baseline_layers import DTYPES
-from qpf.models.contract import ModelOutput
+from qpf.models.contract import ModelOutput, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, State, register_family
 
 Array = jax.Array
@@ -80,6 +80,7 @@ class QLLMConfig:
     lora_train_only: freeze everything but the LoRA factors, tables, globals and θ.
     rotator: 'gain' (upstream), 'rotation' (pairs (i, i+d/2); dim even) or 'none'.
     dropout: on attention weights and the MLP output (upstream's places).
+    matmul_precision: precision of float32 matrix products (``qpf.config.MATMUL_PRECISIONS``).
     dtype: compute dtype of GEMMs; norms, scores and softmax are float32.
     """
 
@@ -97,8 +98,10 @@ class QLLMConfig:
     dropout: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
+        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
         positive_int(self, "vocab_size", "dim", "num_layers", "num_heads", "max_len")
         positive_int(self, "mlp_ratio")
         for name in ("global_tokens", "lora_rank"):
@@ -358,6 +361,7 @@ class QLLM(nn.Module):
     config: QLLMConfig
 
     @nn.compact
+    @applies_matmul_precision
     def __call__(
         self, inputs: Array, state: State | None = None, *, deterministic: bool = True
     ) -> ModelOutput:

@@ -44,9 +44,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import ConfigError, one_of, positive_int, rate, require
+from qpf.config import MATMUL_PRECISIONS, ConfigError, one_of, positive_int, rate, require
 from qpf.models.baseline_layers import DTYPES
-from qpf.models.contract import ModelOutput
+from qpf.models.contract import ModelOutput, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, State, register_family
 from qpf.ops import qllm_v2 as ops
 
@@ -71,6 +71,7 @@ class QLLMv2Config:
       semantic_window: ±W of semantic coherence (faithful also clips both to T//2).
     evolve: apply ``evolve_quantum_state`` in training calls that pass ``training_step``.
     language_id: row of the language gates (only row 0 exists, as upstream uses only it).
+    matmul_precision: precision of float32 matrix products (``qpf.config.MATMUL_PRECISIONS``).
     dtype: compute dtype of the dense layers; trig, norms and softmax run in float32.
     """
 
@@ -95,8 +96,10 @@ class QLLMv2Config:
     use_checkpoint: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
+        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
         positive_int(
             self,
             "vocab_size",
@@ -547,6 +550,7 @@ class QLLMv2(nn.Module):
         logits = self.output_proj(e) + 0.1 * concept_logits
         return logits, taps
 
+    @applies_matmul_precision
     def __call__(
         self,
         inputs: Array,

@@ -56,9 +56,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import positive_int, require
+from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, require
 from qpf.models.baseline_layers import DTYPES
-from qpf.models.contract import ModelOutput
+from qpf.models.contract import ModelOutput, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, State, register_family
 from qpf.ops import v3_ops as ops
 
@@ -88,6 +88,7 @@ class QLLMv3Config:
     spike_threshold/spike_decay/refractory_threshold: 1.0 / 0.9 / 0.1 as the original;
     surrogate_slope: fast-sigmoid slope of the LIF surrogate gradient.
     mlp_ratio: hidden width / dim of the sane DP MLP.
+    matmul_precision: precision of float32 matrix products (``qpf.config.MATMUL_PRECISIONS``).
     dtype: compute dtype of GEMMs; norms, softmaxes, spiking state are float32 (or f64).
     """
 
@@ -108,8 +109,10 @@ class QLLMv3Config:
     mlp_ratio: int = 2
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
+        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
         positive_int(
             self,
             "vocab_size",
@@ -356,6 +359,7 @@ class QLLMv3(nn.Module):
         return {k: self.variable("state", k, fn) for k, fn in inits.items()}
 
     @nn.compact
+    @applies_matmul_precision
     def __call__(
         self,
         inputs: Array,

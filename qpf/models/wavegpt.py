@@ -46,8 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import one_of, positive_int, rate, require
-from qpf.models.contract import ModelOutput
+from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, rate, require
+from qpf.models.contract import ModelOutput, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, State, register_family
 from qpf.ops import wave as wv
 
@@ -71,6 +71,7 @@ class WaveGPTConfig:
     attention: 'interference' | 'pure_wave'; kernel (pure_wave): 'elu_plus_one' | 'sigmoid'
     | 'exp' | 'identity' (identity: raw masked scores, quadratic mode only); wave_mode
     (pure_wave): 'quadratic' | 'linear'. linear_chunk: chunk of the linear form's scan.
+    matmul_precision: precision of float32 matrix products (``qpf.config.MATMUL_PRECISIONS``).
     dtype: compute dtype of the dense layers; trigonometry, norms, softmax and running sums
     are float32.
     """
@@ -89,8 +90,10 @@ class WaveGPTConfig:
     linear_chunk: int = 64
     dtype: str = "float32"
     param_dtype: str = "float32"
+    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
+        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
         positive_int(
             self,
             "vocab_size",
@@ -357,6 +360,7 @@ class WaveGPT(nn.Module):
     config: WaveGPTConfig
 
     @nn.compact
+    @applies_matmul_precision
     def __call__(
         self, inputs: Array, state: State | None = None, *, deterministic: bool = True
     ) -> ModelOutput:
