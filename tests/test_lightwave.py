@@ -277,12 +277,18 @@ def test_lightwave_loralinear_module_parity(dtype):
 # ------------------------------------------------------------------ behaviour
 
 
-@pytest.fixture(scope="module", params=["test", "test-wave"])
+@pytest.fixture(scope="module", params=["test", "test-wave", "test+uniform"])
 def small_model(request):
-    """(module, params, ids [2, 12], jitted forward (params, ids, state|None) -> output)."""
-    preset = get_family("lightwave").preset(request.param)
-    module = lw.Lightwave(preset.model)
-    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, preset.model.vocab_size)
+    """(module, params, ids [2, 12], jitted forward (params, ids, state|None) -> output).
+
+    ``test+uniform``: the test preset with the §1.9 uniform-aggregation modulator (3 heads,
+    which need not divide D there)."""
+    name, _, variant = request.param.partition("+")
+    config = get_family("lightwave").preset(name).model
+    if variant == "uniform":
+        config = config.replace(aggregation="uniform", num_heads=3)
+    module = lw.Lightwave(config)
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, config.vocab_size)
     params = jax.jit(module.init)(jax.random.key(0), ids[:, :2])
     fwd = jax.jit(lambda p, x, s=None: module.apply(p, x, s))
     return module, params, ids, fwd
@@ -356,6 +362,11 @@ def test_lightwave_config_validation():
         lw.LightwaveConfig(mode="neural", coin="fixed")
     with pytest.raises(ConfigError, match="quant_ste"):
         lw.LightwaveConfig(quant_ste=True)
+    with pytest.raises(ConfigError, match="aggregation"):
+        lw.LightwaveConfig(aggregation="uniform")  # wave mode has no aggregation
+    with pytest.raises(ConfigError, match="aggregation"):
+        lw.LightwaveConfig(mode="neural", aggregation="mean")
+    lw.LightwaveConfig(mode="neural", dim=6, num_heads=4, aggregation="uniform")  # any H
 
 
 def test_lightwave_presets_match_transformer_sizes():
@@ -423,6 +434,38 @@ def test_lightwave_wave_step_matches_complex_reference(coin):
         coin,
     )
     np.testing.assert_allclose(np.asarray(got), pairs(want), rtol=1e-5, atol=1e-5)
+
+
+def test_lightwave_uniform_modulator_matches_the_spec_formula():
+    """§1.9: Mod(z) = out_proj(mean_j concat_h tanh(W_h realview([z, z_j]) + b_h)) + mean_j β_j,
+    over the valid cache slots only, computed here per j in numpy from the whole weights."""
+    rng = np.random.default_rng(3)
+    b, d, h, s, r = 2, 5, 3, 7, 4
+    config = lw.LightwaveConfig(
+        vocab_size=11, dim=d, num_heads=h, mode="neural", aggregation="uniform", rel_max_dist=r
+    )
+    params = lw.ModulatorNeuralParams(config).init(jax.random.key(0))["params"]
+    params = jax.tree.map(lambda x: x + 0.3 * rng.normal(size=x.shape).astype(x.dtype), params)
+    z = rng.normal(size=(b, d, 2)).astype(np.float32)
+    cache = rng.normal(size=(b, s, d, 2)).astype(np.float32)
+    valid = np.arange(s) < 5
+    keys, biases = lw.project_cache_entry(
+        {"modulator": params}, jnp.asarray(cache), jnp.arange(s)[None, :], config
+    )
+    got = lw.uniform_modulate(params, jnp.asarray(z), keys, biases, jnp.asarray(valid), config)
+
+    w, bias = np.asarray(params["heads"]["kernel"]), np.asarray(params["heads"]["bias"])
+    feats = [
+        np.tanh(np.concatenate([z.reshape(b, 2 * d), cache[:, j].reshape(b, 2 * d)], -1) @ w + bias)
+        for j in range(s)
+        if valid[j]
+    ]
+    mean = np.mean(feats, axis=0)
+    o = mean @ np.asarray(params["out_proj"]["kernel"]) + np.asarray(params["out_proj"]["bias"])
+    table = np.asarray(params["rel_bias"]["table"])[:, 0]  # [R+1, 2]
+    beta = np.mean([table[min(j, r)] for j in range(s) if valid[j]], axis=0)
+    want = o.reshape(b, d, 2) + beta
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_lightwave_loader_rejects_unknown_and_missing_names():

@@ -31,6 +31,15 @@ ballistic shift with reflecting ends ũ = [v'₀, u'₀..u'_{D−2}], ṽ = [v'�
 return ũ + ṽ (no residual). ``coin='fixed'`` is the earlier variant (commit 79324e0): the fixed
 coin (c/√2)[[1, i], [i, 1]] and z ← ũ + ṽ + (1−c)·z.
 
+``aggregation='uniform'`` (neural mode) is the earlier documented modulator (spec §1.9,
+commits 1acf6ea/765f9c9), "weighted/uniform mean aggregation": for every valid past j,
+f_j = realview([z, z_j]) ∈ ℝ^{4D}; per head h, g_{j,h} = tanh(W_h f_j + b_h) ∈ ℝ^{2D};
+Mod(z) = out_proj(mean_j concat_h g_{j,h}) + mean_j β_j, β_j a *scalar* complex bias row for
+the absolute key index j (rows min(j, R), as below). W_h f_j splits into a query half
+(W_h realview z, per step) and a key half (W_h realview z_j, cached once per token). The
+original's constant coupling 0.12 and single step are ``initial_coupling=0.12``,
+``num_steps=1`` (the coupling stays trainable here).
+
 Positions: the original's "relative" bias tables have 2R+1 rows indexed clamp(r + R), but
 r is always an absolute index ≥ 0, so rows 0..R−1 are never read. qpf stores the R+1
 reachable rows and indexes them with min(i, R) (identical values; the loader drops the dead
@@ -43,9 +52,11 @@ them, spec §1.11.7); ``quant_ste=True`` passes the gradient straight through Q.
 
 Decoding state (``init_state``): ``pos`` int32 [], ``last`` [B, D, 2] (previous final state;
 wave mode) and, in neural mode, a fixed-size buffer of per-layer keys (bias included) and
-values ``k``, ``v`` [L, B, S, D, 2] whose validity mask is slot < pos. Keys and values are
-projected once per token (the original re-projects the whole cache at every inner step;
-mathematically identical). When pos + T > S the logits are NaN (the buffer cannot grow).
+values ``k``, ``v`` [L, B, S, D, 2] whose validity mask is slot < pos (uniform aggregation:
+the cached key halves ``k`` [L, B, S, H·D, 2] and scalar bias rows ``v`` [L, B, S, 1, 2]).
+Keys and values are projected once per token (the original re-projects the whole cache at
+every inner step; mathematically identical). When pos + T > S the logits are NaN (the
+buffer cannot grow).
 The recurrent state, norms and softmax are float32 (float64 under x64) whatever ``dtype``.
 """
 
@@ -68,6 +79,7 @@ Params = dict[str, Any]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 MODES = ("wave", "neural")
+AGGREGATIONS = ("attention", "uniform")
 COINS = ("splitter", "fixed")
 LN_EPS = 1e-5  # torch F.layer_norm default
 QUANT_EPS = 1e-8  # the original's scale guard
@@ -81,6 +93,8 @@ class LightwaveConfig:
     mode: 'wave' (beam-splitter modulator) | 'neural' (complex attention over the cache).
     num_heads: H (neural; D must be a multiple). coin: 'splitter' (HEAD) | 'fixed' (earlier
     fixed-coin variant, wave mode only). rel_max_dist: R, positions ≥ R share the last row.
+    aggregation: 'attention' (HEAD: complex multi-head attention) | 'uniform' (the earlier
+    per-head tanh features averaged over the cache, spec §1.9; neural mode only).
     use_lora: LoRA adapters (rank lora_rank, scale lora_alpha/rank) on the four modulator
     projections, rank readout_lora_rank on the readout (the original fixes it at 4).
     quant_bits: simulated symmetric quantization of every LoRA-linear weight and bias
@@ -97,6 +111,7 @@ class LightwaveConfig:
     mode: str = "wave"
     num_heads: int = 4
     coin: str = "splitter"
+    aggregation: str = "attention"
     rel_max_dist: int = 64
     initial_coupling: float = 0.5
     use_lora: bool = False
@@ -126,14 +141,21 @@ class LightwaveConfig:
         )
         one_of(self, "mode", MODES)
         one_of(self, "coin", COINS)
+        one_of(self, "aggregation", AGGREGATIONS)
         one_of(self, "dtype", tuple(DTYPES))
         one_of(self, "param_dtype", tuple(DTYPES))
-        if self.mode == "neural":
+        require(
+            self.aggregation == "attention" or self.mode == "neural",
+            self,
+            "aggregation",
+            "'attention' unless mode='neural' (the aggregation is a neural-mode option)",
+        )
+        if self.mode == "neural" and self.aggregation == "attention":
             require(
                 self.dim % self.num_heads == 0,
                 self,
                 "num_heads",
-                f"a divisor of dim={self.dim} in neural mode",
+                f"a divisor of dim={self.dim} for attention aggregation",
             )
         require(
             self.coin == "splitter" or self.mode == "wave",
@@ -297,6 +319,46 @@ def neural_modulate(
     return out.reshape(b, d, 2), weights
 
 
+def lora_linear_rows(
+    p: Params, x: Array, start: int, config: LightwaveConfig, with_bias: bool
+) -> Array:
+    """The part of ``lora_linear`` contributed by input features start:start+n.
+
+    x ``[..., n]`` -> ``[..., out]``. Quantization uses the whole weight (as the full layer
+    does), so the parts of a split input sum to ``lora_linear`` of the whole input.
+    """
+    dt = DTYPES[config.dtype]
+    rows = slice(start, start + x.shape[-1])
+    w = fake_quantize(p["kernel"], config.quant_bits, config.quant_ste)[rows]
+    x = x.astype(dt)
+    y = jnp.matmul(x, w.astype(dt))
+    if with_bias:
+        y = y + fake_quantize(p["bias"], config.quant_bits, config.quant_ste).astype(dt)
+    if "lora_a" in p:
+        rank = p["lora_a"].shape[-1]
+        h = jnp.matmul(x, p["lora_a"][rows].astype(dt))
+        y = y + jnp.matmul(h, p["lora_b"].astype(dt)) * (config.lora_alpha / rank)
+    return y
+
+
+def uniform_modulate(
+    p: Params, z: Array, keys: Array, biases: Array, valid: Array, config: LightwaveConfig
+) -> Array:
+    """The §1.9 modulator: mean over valid cached j of per-head tanh features, projected.
+
+    z ``[B, D, 2]``; keys (cached key halves) ``[B|1, S, H·D, 2]``; biases ``[B|1, S, 1, 2]``;
+    valid bool ``[S]`` -> Mod(z) ``[B, D, 2]`` (0 when no slot is valid).
+    """
+    b, d = z.shape[0], config.dim
+    acc = z.dtype
+    query = lora_linear_rows(p["heads"], z.reshape(b, 2 * d), 0, config, True).astype(acc)
+    feats = jnp.tanh(query[:, None] + keys.reshape(keys.shape[0], keys.shape[1], -1))
+    w = valid.astype(acc) / jnp.maximum(jnp.sum(valid), 1).astype(acc)  # [S]
+    mean = jnp.einsum("bsf,s->bf", feats, w)
+    out = lora_linear(p["out_proj"], mean, config).astype(acc).reshape(b, d, 2)
+    return out + jnp.einsum("bsdc,s->bdc", biases, w)
+
+
 def layer_evolve(
     p: Params,
     z: Array,
@@ -329,9 +391,15 @@ def layer_evolve(
             z_mod, attn = mod, None
         else:
             (c,) = x
-            mod, attn = neural_modulate(
-                mod_p, z, context["keys"], context["values"], context["valid"], config
-            )
+            if config.aggregation == "uniform":
+                attn = None
+                mod = uniform_modulate(
+                    mod_p, z, context["keys"], context["values"], context["valid"], config
+                )
+            else:
+                mod, attn = neural_modulate(
+                    mod_p, z, context["keys"], context["values"], context["valid"], config
+                )
             z_mod = z + c * mod
         z_new = part_tanh(jnp.where(has_past, z_mod, z))
         if not collect:
@@ -358,9 +426,13 @@ def project_cache_entry(
     (key, value) ``[..., D, 2]`` in z's dtype."""
     mp = p["modulator"]
     flat = z.reshape(*z.shape[:-2], 2 * config.dim)
+    row = jnp.minimum(position, config.rel_max_dist)
+    if config.aggregation == "uniform":
+        k = lora_linear_rows(mp["heads"], flat, 2 * config.dim, config, False).astype(z.dtype)
+        bias = jnp.take(mp["rel_bias"]["table"], row, axis=0).astype(z.dtype)
+        return k.reshape(*z.shape[:-2], -1, 2), jnp.broadcast_to(bias, (*z.shape[:-2], 1, 2))
     k = lora_linear(mp["k_proj"], flat, config).astype(z.dtype)
     v = lora_linear(mp["v_proj"], flat, config).astype(z.dtype)
-    row = jnp.minimum(position, config.rel_max_dist)
     bias = jnp.take(mp["rel_bias"]["table"], row, axis=0).astype(z.dtype)
     return k.reshape(z.shape) + bias, v.reshape(z.shape)
 
@@ -450,9 +522,13 @@ def init_state(config: LightwaveConfig, batch_size: int, max_len: int | None = N
         length = config.max_len if max_len is None else max_len
         if length < 1:
             raise ValueError(f"init_state: max_len must be >= 1, got {length}")
-        shape = (config.num_layers, batch_size, length, config.dim, 2)
-        state["k"] = jnp.zeros(shape, acc)
-        state["v"] = jnp.zeros(shape, acc)
+        lead = (config.num_layers, batch_size, length)
+        if config.aggregation == "uniform":
+            state["k"] = jnp.zeros((*lead, config.num_heads * config.dim, 2), acc)
+            state["v"] = jnp.zeros((*lead, 1, 2), acc)
+        else:
+            state["k"] = jnp.zeros((*lead, config.dim, 2), acc)
+            state["v"] = jnp.zeros((*lead, config.dim, 2), acc)
     return state
 
 
@@ -543,7 +619,8 @@ class ModulatorWaveParams(nn.Module):
 
 
 class ModulatorNeuralParams(nn.Module):
-    """Neural modulator: q/k/v/out LoRA-linear (2D → 2D) and its own bias table."""
+    """Neural modulator: q/k/v/out LoRA-linear (2D → 2D) and its own bias table; uniform
+    aggregation: the per-head features (4D → H·2D), out_proj (H·2D → 2D), a scalar table."""
 
     config: LightwaveConfig
 
@@ -551,6 +628,13 @@ class ModulatorNeuralParams(nn.Module):
     def __call__(self) -> Params:
         c = self.config
         pdt, rank = DTYPES[c.param_dtype], (c.lora_rank if c.use_lora else None)
+        if c.aggregation == "uniform":
+            width = c.num_heads * 2 * c.dim
+            return {
+                "heads": LoRALinearParams(4 * c.dim, width, rank, pdt, name="heads")(),
+                "out_proj": LoRALinearParams(width, 2 * c.dim, rank, pdt, name="out_proj")(),
+                "rel_bias": BiasTable(c.rel_max_dist + 1, 1, pdt, name="rel_bias")(),
+            }
         p = {
             name: LoRALinearParams(2 * c.dim, 2 * c.dim, rank, pdt, name=name)()
             for name in ("q_proj", "k_proj", "v_proj", "out_proj")
