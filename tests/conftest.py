@@ -134,3 +134,11 @@ def x64():
 def data_dir() -> Path:
     """The shared corpora folder (``shared/data``), or skip like ``require_shared``."""
     return require_shared() / "data"
+
+
+@pytest.fixture(params=["float32", "float64"])
+def parity_dtype(request: pytest.FixtureRequest) -> str:
+    """Runs a parity test once per dtype; the float64 run has x64 enabled for its body."""
+    if request.param == "float64":
+        request.getfixturevalue("x64")
+    return request.param

@@ -38,6 +38,14 @@ def build(module: nn.Module, vocab: int, batch: int = 2, t: int = 13, seed: int 
     return params, tokens, apply
 
 
+def build_model(
+    model_cls: type[nn.Module], config: Any, batch: int = 2, t: int = 13, seed: int = 0
+):
+    """(module, params, tokens, apply) for ``model_cls(config)``, as ``build``."""
+    module = model_cls(config)
+    return (module, *build(module, config.vocab_size, batch, t, seed))
+
+
 def variant_failures(module: nn.Module, vocab: int, positions: Sequence[int]) -> list[str]:
     """Causality and gradient-to-every-parameter/row failures of one config variant."""
     params, tokens, run = build(module, vocab, batch=3)

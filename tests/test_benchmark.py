@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from tiny_configs import CLI_MODELS, CLI_TINY_OVERRIDES
 
 from experiments import benchmark
 from experiments.model_set import overrides_for, parse_overrides
@@ -14,21 +15,8 @@ from qpf.models.family import resolve_model
 from qpf.models.param_count import family_param_count
 from qpf.training.config import RunConfig
 
-MODELS = "qpf:tiny,transformer:tiny,diagrnn:tiny"
-# Scoped overrides that make each family tiny (compile time dominates on CPU).
-TINY = [
-    "qpf:model.dim=8",
-    "qpf:model.backbone.state_dim=8",
-    "qpf:model.backbone.num_layers=1",
-    "qpf:model.memory.num_slots=7",
-    "qpf:model.memory.top_k=3",
-    "qpf:model.episodic.window=8",
-    "transformer:model.dim=16",
-    "transformer:model.num_layers=1",
-    "transformer:model.num_heads=2",
-    "diagrnn:model.dim=16",
-    "diagrnn:model.num_layers=1",
-]
+MODELS = CLI_MODELS
+TINY = CLI_TINY_OVERRIDES
 
 
 def tiny_args(*extra: str) -> list[str]:

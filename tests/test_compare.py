@@ -6,23 +6,12 @@ import json
 import math
 
 import pytest
+from tiny_configs import CLI_MODELS, CLI_TINY_OVERRIDES
 
 from experiments import compare
 
-TINY = [
-    "qpf:model.dim=8",
-    "qpf:model.backbone.state_dim=8",
-    "qpf:model.backbone.num_layers=1",
-    "qpf:model.memory.num_slots=7",
-    "qpf:model.memory.top_k=3",
-    "qpf:model.episodic.window=8",
-    "transformer:model.dim=16",
-    "transformer:model.num_layers=1",
-    "transformer:model.num_heads=2",
-    "diagrnn:model.dim=16",
-    "diagrnn:model.num_layers=1",
-]
-MODELS = "qpf:tiny,transformer:tiny,diagrnn:tiny"
+TINY = CLI_TINY_OVERRIDES
+MODELS = CLI_MODELS
 
 
 @pytest.mark.slow

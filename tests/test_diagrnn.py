@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import family_checks as checks
 import jax
 import jax.numpy as jnp
@@ -21,16 +23,13 @@ from qpf.models.diagrnn import (
 )
 from qpf.models.family import resolve_model
 
+SMALL = dict(vocab_size=29, dim=12, num_layers=2, state_dim=14, chunk_size=5, dropout=0.0)
+# (config, batch=2, t=13, seed=0) -> (module, params, tokens, apply), compiled once per config
+build = functools.partial(checks.build_model, DiagRNN)
+
 
 def small_config(**kw) -> DiagRNNConfig:
-    base = dict(vocab_size=29, dim=12, num_layers=2, state_dim=14, chunk_size=5, dropout=0.0)
-    base.update(kw)
-    return DiagRNNConfig(**base)
-
-
-def build(config, batch: int = 2, t: int = 13, seed: int = 0):
-    params, tokens, apply = checks.build(DiagRNN(config), config.vocab_size, batch, t, seed)
-    return DiagRNN(config), params, tokens, apply
+    return DiagRNNConfig(**{**SMALL, **kw})
 
 
 # Causality, gradients, decode == forward and bf16 of the default config are checked for

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_configs import ALL_BANKS
 
 from qpf import config as cfgs
 from qpf.generation import (
@@ -26,14 +27,7 @@ from qpf.models import QPFModel
 from qpf.models.family import get_family
 from qpf.ops.sampling import SamplingConfig
 
-BANKS = (
-    cfgs.SemanticBankConfig(num_concepts=5, num_layers=1),
-    cfgs.ContextBankConfig(window_size=3, num_layers=1),
-    cfgs.LanguageBankConfig(num_languages=3, num_layers=1),
-    cfgs.EmotionBankConfig(num_emotions=3),
-    cfgs.MorphologyBankConfig(num_patterns=5, num_layers=1),
-    cfgs.OrthographyBankConfig(num_shape_patterns=5, num_script_classes=3, num_layers=1),
-)
+BANKS = ALL_BANKS
 MEMORY = cfgs.MemoryConfig(num_slots=5, top_k=3, key_chunk_size=3)
 SLOW = pytest.mark.slow
 
@@ -124,6 +118,13 @@ def test_original_episodic_regime_cannot_be_decoded():
         jax.eval_shape(lambda p: prefill(model, p, tokens), shapes)
 
 
+def greedy_decode(model, params, logits, state, **kw):
+    """Eight greedy tokens after a prefill's (logits, state); ``kw``: eos_id, pad_id."""
+    greedy = SamplingConfig(temperature=0.0)
+    key = jax.random.key(0)
+    return decode(model, params, logits, state, key, max_new_tokens=8, config=greedy, **kw)
+
+
 @pytest.fixture(scope="module")
 def lm():
     return build(tiny(banks=BANKS[:2]), t=6)
@@ -132,15 +133,7 @@ def lm():
 def test_decode_stops_each_row_at_eos(lm):
     model, params, prompt = lm
     logits, state = prefill(model, params, prompt)
-    greedy = decode(
-        model,
-        params,
-        logits,
-        state,
-        jax.random.key(0),
-        max_new_tokens=8,
-        config=SamplingConfig(temperature=0.0),
-    )
+    greedy = greedy_decode(model, params, logits, state)
     tokens = np.asarray(greedy.tokens)
     assert (np.asarray(greedy.lengths) == 8).all()
     # Make each row's 2nd / 4th greedy token its EOS: that row stops there and pads after.
@@ -149,17 +142,7 @@ def test_decode_stops_each_row_at_eos(lm):
         eos = int(tokens[row, pos])
         if eos in tokens[row, :pos]:
             continue
-        out = decode(
-            model,
-            params,
-            logits,
-            state,
-            jax.random.key(0),
-            max_new_tokens=8,
-            config=SamplingConfig(temperature=0.0),
-            eos_id=eos,
-            pad_id=30,
-        )
+        out = greedy_decode(model, params, logits, state, eos_id=eos, pad_id=30)
         got = np.asarray(out.tokens)[row]
         np.testing.assert_array_equal(got[: pos + 1], tokens[row, : pos + 1])
         assert (got[pos + 1 :] == 30).all()
@@ -181,15 +164,7 @@ def test_sampled_generation_is_seeded_and_rows_differ(lm):
 def test_beam_search_width_one_is_greedy_and_wider_beams_score_higher(lm):
     model, params, prompt = lm
     logits, state = prefill(model, params, prompt)
-    greedy = decode(
-        model,
-        params,
-        logits,
-        state,
-        jax.random.key(0),
-        max_new_tokens=8,
-        config=SamplingConfig(temperature=0.0),
-    )
+    greedy = greedy_decode(model, params, logits, state)
     one = beam_search(model, params, prompt, width=1, max_new_tokens=4)
     np.testing.assert_array_equal(one.tokens[:, 0], greedy.tokens[:, :4])
     three = beam_search(model, params, prompt, width=3, max_new_tokens=4)

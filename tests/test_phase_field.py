@@ -7,19 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from family_checks import dead_gradients, mismatch, piecewise_logits
+from tiny_configs import ALL_BANKS
 
 from qpf import config as cfgs
 from qpf.models import QPFModel, init_state
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
-
-ALL_BANKS = (
-    cfgs.SemanticBankConfig(num_concepts=5, num_layers=1),
-    cfgs.ContextBankConfig(window_size=3, num_layers=1),
-    cfgs.LanguageBankConfig(num_languages=3, num_layers=1),
-    cfgs.EmotionBankConfig(num_emotions=3),
-    cfgs.MorphologyBankConfig(num_patterns=5, num_layers=1),
-    cfgs.OrthographyBankConfig(num_shape_patterns=5, num_script_classes=3, num_layers=1),
-)
 
 
 def small_config(mode: str = "token", banks=ALL_BANKS, regime="chunked", **kw) -> cfgs.ModelConfig:

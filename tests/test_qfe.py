@@ -14,7 +14,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from conftest import fixture_files
 
 from qpf.training import qfe
@@ -55,11 +54,9 @@ def check(got: dict, z: dict, prefix: str, f64: bool) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_qfe_parity_loss_fixture(dtype, request):
+def test_qfe_parity_loss_fixture(parity_dtype):
+    dtype = parity_dtype
     f64 = dtype == "float64"
-    if f64:
-        request.getfixturevalue("x64")
     failures = []
     for path in fixture_files("wavegpt", "qfe_loss*.npz"):
         z = load(path)
@@ -73,12 +70,10 @@ def test_qfe_parity_loss_fixture(dtype, request):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_qfe_parity_model_fixtures(dtype, request):
+def test_qfe_parity_model_fixtures(parity_dtype):
     """The loss/qfe keys of the full-model files, from their stored logits."""
+    dtype = parity_dtype
     f64 = dtype == "float64"
-    if f64:
-        request.getfixturevalue("x64")
     failures = []
     for path in fixture_files("wavegpt", "wavegpt_*_T*.npz"):
         z = load(path)

@@ -16,7 +16,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from qpf.models.qllm_v3 import QLLMv3, consciousness_weights
 from qpf.models.qllm_v3_weights import config_from_kwargs, load_torch_state_dict
@@ -170,10 +169,8 @@ def losses(chk: Checker, params, ids, targets, logits_c, logits_e) -> None:
     chk.check("loss/hybrid", ops.hybrid_loss(closs, errs))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_v3_golden_parity_eval_calls(dtype, request):
-    if dtype == "float64":
-        request.getfixturevalue("x64")
+def test_v3_golden_parity_eval_calls(parity_dtype):
+    dtype = parity_dtype
     for path in fixture_files("v3", "v3_golden_T*.npz"):
         z, model, variables = load(path, dtype)
         chk = Checker(z, dtype)
@@ -217,10 +214,8 @@ def dp_branches(chk: Checker, model: QLLMv3, variables) -> None:
             chk.check(key + "output", out)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_v3_hybrid_step_parity_train_mode(dtype, request):
-    if dtype == "float64":
-        request.getfixturevalue("x64")
+def test_v3_hybrid_step_parity_train_mode(parity_dtype):
+    dtype = parity_dtype
     for path in fixture_files("v3", "v3_hybrid_step_T*.npz"):
         z, model, variables = load(path, dtype)
         chk = Checker(z, dtype)

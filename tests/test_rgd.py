@@ -85,10 +85,8 @@ def run_optimizer(z: dict, run: str, hp: dict, dtype: str) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_rgd_parity_optimizer_steps(dtype, request):
-    if dtype == "float64":
-        request.getfixturevalue("x64")
+def test_rgd_parity_optimizer_steps(parity_dtype):
+    dtype = parity_dtype
     failures = []
     for path in fixture_files("wavegpt", "rgd_step*.npz"):
         z = load(path)
@@ -122,12 +120,10 @@ def torch_grads(z: dict, params_key: str, dtype: str) -> tuple[dict, float]:
     return out, float(value)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_rgd_parity_model_gradients(dtype, request):
+def test_rgd_parity_model_gradients(parity_dtype):
     """grad/step1 at the stored params, grad/step2 at bench's params after its step."""
+    dtype = parity_dtype
     f64 = dtype == "float64"
-    if f64:
-        request.getfixturevalue("x64")
     tol = {"rtol": 1e-7, "atol": 1e-9} if f64 else {"rtol": 1e-4, "atol": 1e-5}
     pre = "f64/" if f64 else ""
     failures = []

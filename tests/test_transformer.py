@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import family_checks as checks
 import jax
 import jax.numpy as jnp
@@ -21,16 +23,13 @@ from qpf.models.transformer import (
     init_state,
 )
 
+SMALL = dict(vocab_size=31, dim=12, num_layers=2, num_heads=3, max_len=23, dropout=0.0)
+# (config, batch=2, t=13, seed=0) -> (module, params, tokens, apply), compiled once per config
+build = functools.partial(checks.build_model, Transformer)
+
 
 def small_config(**kw) -> TransformerConfig:
-    base = dict(vocab_size=31, dim=12, num_layers=2, num_heads=3, max_len=23, dropout=0.0)
-    base.update(kw)
-    return TransformerConfig(**base)
-
-
-def build(config, batch: int = 2, t: int = 13, seed: int = 0):
-    params, tokens, apply = checks.build(Transformer(config), config.vocab_size, batch, t, seed)
-    return Transformer(config), params, tokens, apply
+    return TransformerConfig(**{**SMALL, **kw})
 
 
 # Causality, gradients, decode == forward and bf16 of the default config are checked for

@@ -98,10 +98,8 @@ def model_keys(z: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("pattern", ["wavegpt_golden_T*.npz", "wavegpt_purewave_T*.npz"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_wavegpt_parity_model_fixtures(pattern, dtype, request):
-    if dtype == "float64":
-        request.getfixturevalue("x64")
+def test_wavegpt_parity_model_fixtures(pattern, parity_dtype):
+    dtype = parity_dtype
     failures = []
     for path in fixture_files("wavegpt", pattern):
         z = load(path)
@@ -155,10 +153,8 @@ def _attention_outputs(z: dict, t_key: str, cases: list, dtype: str) -> dict[str
     return jax.jit(run)(jnp.asarray(z[f"{t_key}/input"], dtype))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_wavegpt_parity_pure_wave_attention(dtype, request):
-    if dtype == "float64":
-        request.getfixturevalue("x64")
+def test_wavegpt_parity_pure_wave_attention(parity_dtype):
+    dtype = parity_dtype
     tol = F64_PURE_WAVE if dtype == "float64" else F32
     failures = []
     for path in fixture_files("wavegpt", "pure_wave_attention*.npz"):
@@ -348,10 +344,8 @@ def classic_outputs(z: dict, dtype: str) -> dict[str, np.ndarray]:
 F64_CLASSIC = {"rtol": 1e-6, "atol": 1e-7}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_classic_parity_fixtures(dtype, request):
-    if dtype == "float64":
-        request.getfixturevalue("x64")
+def test_classic_parity_fixtures(parity_dtype):
+    dtype = parity_dtype
     tol = F64_CLASSIC if dtype == "float64" else F32
     failures = []
     for path in fixture_files("wavegpt", "classic_golden_T*.npz"):
