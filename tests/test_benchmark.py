@@ -10,9 +10,9 @@ import pytest
 from experiments import benchmark
 from experiments.model_set import overrides_for, parse_overrides
 from qpf.config import ConfigError
-from qpf.models.family import resolve_model
 from qpf.models.param_count import family_param_count
 from qpf.training.config import RunConfig
+from qpf.zoo import resolve_model
 
 MODELS = "qpf:tiny,transformer:tiny,diagrnn:tiny"
 # Scoped overrides that make each family tiny (compile time dominates on CPU).

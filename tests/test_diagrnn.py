@@ -19,7 +19,7 @@ from qpf.models.diagrnn import (
     decay,
     init_state,
 )
-from qpf.models.family import resolve_model
+from qpf.zoo import resolve_model
 
 
 def small_config(**kw) -> DiagRNNConfig:

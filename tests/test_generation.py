@@ -23,8 +23,8 @@ from qpf.generation import (
 )
 from qpf.generation.stream import chunk_logprobs
 from qpf.models import QPFModel
-from qpf.models.family import get_family
 from qpf.ops.sampling import SamplingConfig
+from qpf.zoo import get_family
 
 BANKS = (
     cfgs.SemanticBankConfig(num_concepts=5, num_layers=1),

@@ -11,7 +11,6 @@ from family_checks import mismatch, piecewise_logits
 
 from qpf import config as cfgs
 from qpf.models.baseline_layers import norm
-from qpf.models.family import resolve_model
 from qpf.models.transformer import (
     PRESETS,
     TRANSFORMER_FAMILY,
@@ -20,6 +19,7 @@ from qpf.models.transformer import (
     TransformerConfig,
     init_state,
 )
+from qpf.zoo import resolve_model
 
 
 def small_config(**kw) -> TransformerConfig:
