@@ -5,7 +5,7 @@ state (one file per process), and a JSON ``meta`` item (run config, tokenizer na
 metrics). Orbax writes each step into a temporary directory and renames it when complete,
 so a crash mid-save never touches the previous checkpoint.
 
-* ``RUN_DIR/checkpoints`` keeps the last ``keep`` steps (``max_to_keep``).
+* ``RUN_DIR/checkpoints`` keeps the last ``keep_last`` steps (``max_to_keep``).
 * ``RUN_DIR/best`` is kept by Orbax's own best-checkpoint retention (``best_fn`` on the
   saved ``val_loss`` metric, ``best_mode='min'``, ``max_to_keep=1``): the new step is
   written completely before the worse one is deleted, so a crash never leaves zero best
