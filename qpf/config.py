@@ -17,13 +17,10 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal, TypeVar, get_args
 
+from qpf.errors import ConfigError
 from qpf.ops.scan import SCAN_TYPES
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the allowed values."""
 
 
 # Public validation helpers: every config's ``__post_init__`` (here, in the baselines and

@@ -150,3 +150,15 @@ __all__ = [
     "slot_usage",
     "update_ratios",
 ]
+
+
+def find_sown(tree: Any, key: str) -> Any | None:
+    """First value stored under ``key`` in a nested dict of sown values (a tuple: first)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == key:
+                return v[0] if isinstance(v, tuple) else v
+            found = find_sown(v, key)
+            if found is not None:
+                return found
+    return None

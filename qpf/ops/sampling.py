@@ -17,7 +17,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from qpf.config import ConfigError
+from qpf.errors import ConfigError
 
 Array = jax.Array
 
