@@ -293,3 +293,44 @@ def test_checker_finds_readme_drift(tmp_path):
     ]
     with pytest.raises(AssertionError, match="no fenced import map"):
         readme_graph("```\nqpf -> qpf.config\n```\n")
+
+
+# ------------------------------------------------------------------ explicit registration
+
+
+def test_every_config_type_has_its_registered_component():
+    import typing
+
+    from qpf import config as cfgs
+    from qpf.layers.banks import BANKS
+    from qpf.layers.coupler import COUPLERS
+    from qpf.layers.memory import MEMORIES
+    from qpf.layers.ssm import OscillatorySSM
+    from qpf.registry import BACKBONES
+
+    def types(cls: type) -> set[str]:
+        return set(typing.get_args(typing.get_type_hints(cls, vars(cfgs))["type"]))
+
+    assert set(BANKS.names()) == set(cfgs.BANK_CONFIGS)
+    assert set(COUPLERS.names()) == types(cfgs.CouplerConfig)
+    assert set(MEMORIES.names()) == types(cfgs.MemoryConfig)
+    assert set(BACKBONES.names()) == types(cfgs.BackboneConfig)
+    assert BACKBONES.get("oscillatory_ssm") is OscillatorySSM
+
+
+def test_families_are_found_by_the_name_their_config_declares():
+    from qpf.config import ConfigError
+    from qpf.models.family import ModelFamily
+    from qpf.zoo import FAMILIES, family_names, family_of, get_family
+
+    assert sorted(f.name for f in FAMILIES) == list(family_names())
+    for family in FAMILIES:
+        config = next(iter(family.presets.values())).model
+        assert family_of(config) is family is get_family(config.family_name)
+    with pytest.raises(ConfigError, match="names no model family"):
+        family_of(object())
+    with pytest.raises(ConfigError, match="unknown model family 'nope'"):
+        get_family("nope")
+    qpf = get_family("qpf")
+    with pytest.raises(ConfigError, match="family_name is 'qpf'"):  # a config of another family
+        ModelFamily("other", qpf.config_cls, qpf.build, qpf.init_state, qpf.presets)
