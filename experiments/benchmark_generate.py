@@ -29,8 +29,8 @@ import numpy as np
 from qpf.config import apply_overrides
 from qpf.generation import decode, prefill
 from qpf.generation.core import patch_size
-from qpf.models.family import resolve_model
 from qpf.ops.sampling import SamplingConfig, row_keys, sample, sample_reference
+from qpf.zoo import resolve_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -42,7 +42,7 @@ import jax
 from experiments.model_set import overrides_for, parse_models, parse_overrides
 from qpf.config import ConfigError
 from qpf.data import DataConfig, MissingDataError
-from qpf.diagnostics.report import write_report
+from qpf.run_report import write_report
 from qpf.training.config import RunConfig, TrainConfig
 from qpf.training.metrics import read_metrics
 from qpf.training.objectives import LossConfig

@@ -33,7 +33,7 @@ from qpf.data.corpora import data_dir_from
 from qpf.data.tokenizers import get_tokenizer
 from qpf.models import lightwave as lw
 from qpf.models import lightwave_finetune as ft
-from qpf.models.family import resolve_model
+from qpf.zoo import family_of, resolve_model
 
 TEXT = "tinystories/TinyStories-train.first2316stories.txt"
 
@@ -76,7 +76,7 @@ def load_start(args: argparse.Namespace) -> tuple[lw.LightwaveConfig, Any]:
         from qpf.training.restore import load_run
 
         run = load_run(args.run_dir)
-        if not isinstance(run.module.config, lw.LightwaveConfig):
+        if family_of(run.module.config).name != lw.LIGHTWAVE_FAMILY.name:
             raise SystemExit(f"{args.run_dir} is not a lightwave run")
         return run.module.config, run.params
     _, preset = resolve_model(f"lightwave:{args.preset}")

@@ -19,7 +19,8 @@ import dataclasses
 from collections.abc import Sequence
 
 from qpf.config import ConfigError
-from qpf.models.family import ModelFamily, Preset, resolve_model
+from qpf.models.family import ModelFamily, Preset
+from qpf.zoo import resolve_model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qpf.diagnostics.report import write_report
+from qpf.run_report import write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

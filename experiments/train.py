@@ -22,13 +22,13 @@ from experiments.cli import run_main, setup_logging
 from qpf.config import ConfigError
 from qpf.data import DataConfig, MissingDataError
 from qpf.generation.train_sample import make_sample_fn
-from qpf.models.family import resolve_model
 from qpf.training import distributed as dist
 from qpf.training.config import RunConfig, TrainConfig
 from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig
 from qpf.training.restore import read_run_config
 from qpf.training.trainer import Trainer, TrainingDiverged
+from qpf.zoo import resolve_model
 
 DEFAULT_DATASET = "tinyshakespeare"
 FALLBACK_DATASET = "pydoc"

@@ -42,10 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qpf.models.family import get_family
 from qpf.models.param_count import family_param_count
 from qpf.training import qfe
 from qpf.training.rgd import rgd
+from qpf.zoo import get_family
 
 DATA = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"

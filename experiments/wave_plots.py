@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         decode = run.tokenizer.decode
         out = Path(args.out or Path(args.run_dir) / "plots")
     else:
-        from qpf.models.family import get_family
+        from qpf.zoo import get_family
 
         fam = get_family("wavegpt")
         config = fam.preset(args.preset).model

@@ -145,8 +145,8 @@ def _forward_kernel(
     def step(t, h):
         hr, hi = h
         g = _sigmoid(lanes.load(gate_ref, t))
-        keep = (1.0 - g) * delta
-        ar, ai = keep * c, keep * s
+        decay = (1.0 - g) * delta
+        ar, ai = decay * c, decay * s
         xr, xi = lanes.load(bx_ref, t, 0), lanes.load(bx_ref, t, 1)
         hr, hi = ar * hr - ai * hi + g * xr, ar * hi + ai * hr + g * xi
         lanes.store(h_ref, (t, 0), hr)
@@ -197,17 +197,17 @@ def _backward_kernel(
         pr, pi = prev
         lr, li = lanes.load(dh_ref, t, 0) + mr, lanes.load(dh_ref, t, 1) + mi
         g = _sigmoid(lanes.load(gate_ref, t))
-        keep = (1.0 - g) * delta
-        ar, ai = keep * c, keep * s
+        decay = (1.0 - g) * delta
+        ar, ai = decay * c, decay * s
         dar, dai = lr * pr + li * pi, li * pr - lr * pi
-        dkeep = dar * c + dai * s
+        ddecay = dar * c + dai * s
         xr, xi = lanes.load(bx_ref, t, 0), lanes.load(bx_ref, t, 1)
-        dg = lr * xr + li * xi - delta * dkeep
+        dg = lr * xr + li * xi - delta * ddecay
         lanes.store(dgate_ref, (t,), dg * g * (1.0 - g))
         lanes.store(dbx_ref, (t, 0), g * lr)
         lanes.store(dbx_ref, (t, 1), g * li)
         mr, mi = ar * lr + ai * li, ar * li - ai * lr  # conj(a_t)·λ_t, carried to t-1
-        return mr, mi, d_rr + keep * dar, d_ri + keep * dai, d_delta + (1.0 - g) * dkeep
+        return mr, mi, d_rr + decay * dar, d_ri + decay * dai, d_delta + (1.0 - g) * ddecay
 
     def inner(i, carry):
         t = length - 1 - i  # reverse walk by index: the Triton scan rule has no reverse

@@ -43,8 +43,8 @@ def oscillatory_scan_reference(
     def step(h: Array, inputs: tuple[Array, Array]) -> tuple[Array, Array]:
         gate_t, bx_t = inputs  # [B, N], [B, 2, N]
         g = jax.nn.sigmoid(gate_t.astype(f32))
-        keep = (1.0 - g) * delta
-        ar, ai = keep * c, keep * s
+        decay = (1.0 - g) * delta
+        ar, ai = decay * c, decay * s
         hr, hi = h[:, 0], h[:, 1]
         xr, xi = bx_t[:, 0].astype(f32), bx_t[:, 1].astype(f32)
         h = jnp.stack([ar * hr - ai * hi + g * xr, ar * hi + ai * hr + g * xi], axis=1)

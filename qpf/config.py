@@ -15,15 +15,12 @@ import json
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
+from qpf.errors import ConfigError
 from qpf.ops.scan import SCAN_TYPES
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the allowed values."""
 
 
 # Public validation helpers: every config's ``__post_init__`` (here, in the baselines and
@@ -308,6 +305,8 @@ class ModelConfig:
       the scan accumulate in float32.
     matmul_precision: precision of float32 matrix products (``MATMUL_PRECISIONS``).
     """
+
+    family_name: ClassVar[str] = "qpf"  # its qpf.zoo family (not a field)
 
     vocab_size: int = 50257
     dim: int = 256

@@ -9,7 +9,7 @@ presets use byte patches of 4 (vocabulary 259).
 from __future__ import annotations
 
 from qpf import config as cfgs
-from qpf.models.family import ModelFamily, Preset, register_family
+from qpf.models.family import ModelFamily, Preset
 from qpf.models.phase_field import QPFModel, init_state
 
 _BANKS = {
@@ -77,19 +77,16 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-QPF_FAMILY = register_family(
-    ModelFamily(
-        name="qpf",
-        config_cls=cfgs.ModelConfig,
-        build=lambda config: QPFModel(config=config),
-        init_state=lambda config, batch_size, max_len: init_state(config, batch_size),
-        presets={**PRESETS, "test": TEST_PRESET},
-        exempt={
-            "bf16": "bfloat16 compute moves logits by up to ~1x their spread at the test "
-            "preset (measured max 0.98, mean 0.07 of the spread: memory top-k near-ties flip "
-            "and the banks amplify rounding); tests/test_phase_field.py bounds it in absolute "
-            "terms",
-        },
-        piece_alignment=lambda c: c.byte_patch.patch_size if c.input_mode == "byte_patch" else 1,
-    )
+QPF_FAMILY = ModelFamily(
+    name="qpf",
+    config_cls=cfgs.ModelConfig,
+    build=lambda config: QPFModel(config=config),
+    init_state=lambda config, batch_size, max_len: init_state(config, batch_size),
+    presets={**PRESETS, "test": TEST_PRESET},
+    exempt={
+        "bf16": "bfloat16 compute moves logits by up to ~1x their spread at the test "
+        "preset (measured max 0.98, mean 0.07 of the spread: memory top-k near-ties flip "
+        "and the banks amplify rounding); tests/test_phase_field.py bounds it in absolute terms",
+    },
+    piece_alignment=lambda c: c.byte_patch.patch_size if c.input_mode == "byte_patch" else 1,
 )

@@ -1,13 +1,16 @@
-"""Registries of named components: banks, couplers, backbones, memories and models.
+"""Name -> component registries, filled explicitly where the components are defined.
 
-A component is registered under the ``type`` name of its config dataclass
-(``qpf.config``); the model looks modules up here, so a new bank is one config dataclass
-plus one decorated module.
+A component is registered under the ``type`` name of its config dataclass (``qpf.config``).
+Each registry lives beside its components and lists them in one table, so using a registry
+imports what fills it (no import side effects): ``BANKS`` in ``qpf.layers.banks``,
+``COUPLERS`` in ``qpf.layers.coupler``, ``MEMORIES`` in ``qpf.layers.memory``, the model
+families in ``qpf.zoo``. ``BACKBONES`` is defined here and filled by the decorator on the
+backbone class in ``qpf.layers.ssm`` (the module that the model imports for it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -19,6 +22,14 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+
+    @classmethod
+    def of(cls, kind: str, entries: Mapping[str, T]) -> Registry[T]:
+        """A registry holding exactly ``entries`` (name -> component)."""
+        registry: Registry[T] = cls(kind)
+        for name, obj in entries.items():
+            registry.register(name)(obj)
+        return registry
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -43,7 +54,4 @@ class Registry(Generic[T]):
         return name in self._entries
 
 
-BANKS: Registry = Registry("bank")
-COUPLERS: Registry = Registry("coupler")
 BACKBONES: Registry = Registry("backbone")
-MEMORIES: Registry = Registry("memory")

@@ -11,9 +11,9 @@ from tiny_configs import CLI_MODELS, CLI_TINY_OVERRIDES
 from experiments import benchmark
 from experiments.model_set import overrides_for, parse_overrides
 from qpf.config import ConfigError
-from qpf.models.family import resolve_model
 from qpf.models.param_count import family_param_count
 from qpf.training.config import RunConfig
+from qpf.zoo import resolve_model
 
 MODELS = CLI_MODELS
 TINY = CLI_TINY_OVERRIDES

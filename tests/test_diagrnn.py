@@ -21,7 +21,7 @@ from qpf.models.diagrnn import (
     decay,
     init_state,
 )
-from qpf.models.family import resolve_model
+from qpf.zoo import resolve_model
 
 SMALL = dict(vocab_size=29, dim=12, num_layers=2, state_dim=14, chunk_size=5, dropout=0.0)
 # (config, batch=2, t=13, seed=0) -> (module, params, tokens, apply), compiled once per config

@@ -1,6 +1,6 @@
 """Properties every registered model family must have, checked on its ``test`` preset(s).
 
-Parametrised over ``qpf.models.family.family_names()``, so a newly registered family is
+Parametrised over ``qpf.zoo.family_names()``, so a newly registered family is
 checked without editing this file. Each case builds its model once (``built``), on byte
 inputs (random ids below 256), with parameters perturbed off their initialisation so that
 zero-initialised branches cannot hide a violation:
@@ -43,10 +43,11 @@ from family_checks import (
 from experiments import train as train_cli
 from qpf.config import ConfigError
 from qpf.models.contract import ModelOutput
-from qpf.models.family import ModelFamily, family_names, get_family, resolve_model
+from qpf.models.family import ModelFamily
 from qpf.training.metrics import read_metrics
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 from qpf.training.step import TrainState, make_train_step
+from qpf.zoo import family_names, get_family, resolve_model
 
 # One batch shape for every compiled forward of a case: row 0 is the reference sequence,
 # rows 1.. perturb one position each (causality), and the same array feeds decode and bf16.

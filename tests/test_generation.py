@@ -24,8 +24,8 @@ from qpf.generation import (
 )
 from qpf.generation.stream import chunk_logprobs
 from qpf.models import QPFModel
-from qpf.models.family import get_family
 from qpf.ops.sampling import SamplingConfig
+from qpf.zoo import get_family
 
 BANKS = ALL_BANKS
 MEMORY = cfgs.MemoryConfig(num_slots=5, top_k=3, key_chunk_size=3)

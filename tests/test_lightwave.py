@@ -21,8 +21,8 @@ from qpf.generation import generate
 from qpf.generation.original_beam import OriginalBeamConfig, original_beam_search
 from qpf.models import lightwave as lw
 from qpf.models import lightwave_weights as lww
-from qpf.models.family import get_family, resolve_model
 from qpf.ops.sampling import SamplingConfig
+from qpf.zoo import get_family, resolve_model
 
 EOT = 50256
 

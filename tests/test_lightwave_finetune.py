@@ -10,7 +10,7 @@ import pytest
 
 from qpf.models import lightwave as lw
 from qpf.models import lightwave_finetune as ft
-from qpf.models.family import get_family
+from qpf.zoo import get_family
 
 
 @pytest.fixture(scope="module")

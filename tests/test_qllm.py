@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from qpf.config import ConfigError
-from qpf.models.family import get_family, resolve_model
 from qpf.models.param_count import family_param_count
 from qpf.models.qllm import (
     QLLM,
@@ -26,6 +25,7 @@ from qpf.models.qllm import (
 from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig, make_optimizer
 from qpf.training.step import TrainState, make_train_step
+from qpf.zoo import get_family, resolve_model
 
 # Transformer presets of the same name (rules: match within 4%).
 TRANSFORMER_COUNTS = {

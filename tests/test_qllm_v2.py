@@ -13,7 +13,6 @@ import pytest
 from conftest import fixture_files
 
 from qpf.config import ConfigError
-from qpf.models.family import resolve_model
 from qpf.models.qllm_v2 import (
     Processor,
     QLLMv2,
@@ -31,6 +30,7 @@ from qpf.models.qllm_v2_losses import (
 )
 from qpf.models.qllm_v2_torch import config_from_torch, params_from_torch
 from qpf.ops import qllm_v2 as ops
+from qpf.zoo import resolve_model
 
 F32_TOL = {"rtol": 1e-4, "atol": 1e-5}  # fixtures README, float32 end to end
 F64_TOL = {"rtol": 1e-9, "atol": 1e-11}  # fixtures README, float64 against f64/<key>

@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from qpf.models.family import resolve_model
 from qpf.models.qllm_v2 import QLLMv2
 from qpf.training import qllm_v2 as tr
+from qpf.zoo import resolve_model
 
 LN256 = math.log(256.0)
 

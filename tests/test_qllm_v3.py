@@ -14,7 +14,6 @@ import pytest
 
 from qpf.config import ConfigError
 from qpf.generation import generate
-from qpf.models.family import resolve_model
 from qpf.models.param_count import family_param_count
 from qpf.models.qllm_v3 import (
     PRESETS,
@@ -27,6 +26,7 @@ from qpf.models.qllm_v3 import (
 )
 from qpf.ops import v3_ops as ops
 from qpf.ops.sampling import SamplingConfig
+from qpf.zoo import resolve_model
 
 TRANSFORMER = {"tiny": 13191552, "small": 63493120, "tiny-byte": 689664, "small-byte": 12377600}
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from experiments import report as report_cli
 from experiments import train as train_cli
-from qpf.diagnostics.report import build_report, read_run
+from qpf.run_report import build_report, read_run
 from qpf.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

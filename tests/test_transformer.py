@@ -13,7 +13,6 @@ from family_checks import mismatch, piecewise_logits
 
 from qpf import config as cfgs
 from qpf.models.baseline_layers import norm
-from qpf.models.family import resolve_model
 from qpf.models.transformer import (
     PRESETS,
     TRANSFORMER_FAMILY,
@@ -22,6 +21,7 @@ from qpf.models.transformer import (
     TransformerConfig,
     init_state,
 )
+from qpf.zoo import resolve_model
 
 SMALL = dict(vocab_size=31, dim=12, num_layers=2, num_heads=3, max_len=23, dropout=0.0)
 # (config, batch=2, t=13, seed=0) -> (module, params, tokens, apply), compiled once per config

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from experiments import wave_plots
-from qpf.models.family import get_family
+from qpf.zoo import get_family
 
 EXPECTED = {
     "learning_curve.png",

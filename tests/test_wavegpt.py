@@ -18,10 +18,10 @@ from conftest import fixture_files
 
 from qpf.config import ConfigError
 from qpf.models import wavegpt_weights as ww
-from qpf.models.family import get_family
 from qpf.models.transformer import Transformer
 from qpf.models.wavegpt import WaveAttention, WaveGPT, WaveGPTConfig, count_params, init_state
 from qpf.ops import wave as wv
+from qpf.zoo import get_family
 
 F32 = {"rtol": 1e-4, "atol": 1e-5}
 F64 = {"rtol": 1e-9, "atol": 1e-11}

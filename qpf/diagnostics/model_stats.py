@@ -30,10 +30,10 @@ def _layers(tree: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [tree[k] for k in sorted(names, key=lambda k: int(k[7:]))]
 
 
-def _spectrum(keep: np.ndarray, ceiling: np.ndarray, angle: np.ndarray) -> Spectrum:
-    mag = np.clip(keep, 1e-12, 1.0 - 1e-12)
+def _spectrum(modulus: np.ndarray, ceiling: np.ndarray, angle: np.ndarray) -> Spectrum:
+    mag = np.clip(modulus, 1e-12, 1.0 - 1e-12)
     return {
-        "abs": keep,
+        "abs": modulus,
         "angle": angle,
         "abs_ceiling": ceiling,
         "memory_length": -1.0 / np.log(mag),
@@ -150,3 +150,15 @@ __all__ = [
     "slot_usage",
     "update_ratios",
 ]
+
+
+def find_sown(tree: Any, key: str) -> Any | None:
+    """First value stored under ``key`` in a nested dict of sown values (a tuple: first)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == key:
+                return v[0] if isinstance(v, tuple) else v
+            found = find_sown(v, key)
+            if found is not None:
+                return found
+    return None

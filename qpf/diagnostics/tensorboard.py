@@ -15,7 +15,6 @@ from flax import linen as nn
 
 from qpf.diagnostics import model_stats
 from qpf.diagnostics.in_step import wants_intermediates
-from qpf.diagnostics.report import _find
 
 PROBE_ROWS = 4
 
@@ -48,7 +47,7 @@ def model_diagnostics(
     if probe_out is None:
         return scalars, hists
     out, sown = probe_out
-    routing = _find(sown, "routing")
+    routing = model_stats.find_sown(sown, "routing")
     if routing is not None:
         stats = jax.device_get(model_stats.routing_stats(routing))
         scalars["routing/entropy"] = float(stats["entropy"])

@@ -28,6 +28,7 @@ from flax import linen as nn
 from qpf.config import ConfigError
 from qpf.models.family import apply_for_features
 from qpf.ops.losses import head_logits
+from qpf.zoo import family_names, family_of
 
 Array = jax.Array
 State = dict[str, Any]
@@ -56,19 +57,14 @@ class DecodeState:
 
 
 def family_init_state(module: nn.Module) -> Callable[[Any, int, int], State]:
-    """The registered family's ``init_state`` for this module (matched by config class)."""
-    from qpf.models.family import MODELS, _ensure_registered
-
-    _ensure_registered()
+    """The ``init_state`` of the module's family, found by its config's ``family_name``."""
     config = getattr(module, "config", None)
-    for name in MODELS.names():
-        family = MODELS.get(name)
-        if isinstance(config, family.config_cls):
-            return family.init_state
-    raise ConfigError(
-        f"{type(module).__name__} has no registered model family with config "
-        f"{type(config).__name__}; registered: {', '.join(MODELS.names())}"
-    )
+    if config is None:
+        raise ConfigError(
+            f"{type(module).__name__} has no `config`; generation needs a model built by a "
+            f"registered family ({', '.join(family_names())})"
+        )
+    return family_of(config).init_state
 
 
 def input_mode(module: nn.Module) -> str:

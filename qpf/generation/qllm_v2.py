@@ -48,9 +48,9 @@ def _top_k_p_min_p(logits: Array, top_k: int, top_p: float, min_p: float) -> Arr
     if top_p < 1.0:
         order = jnp.argsort(-logits)
         probs = jax.nn.softmax(logits[order])
-        keep_sorted = jnp.cumsum(probs) - probs < top_p  # always keeps the first
-        keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
-        logits = jnp.where(keep, logits, NEG)
+        in_nucleus_sorted = jnp.cumsum(probs) - probs < top_p  # always keeps the first
+        in_nucleus = jnp.zeros_like(in_nucleus_sorted).at[order].set(in_nucleus_sorted)
+        logits = jnp.where(in_nucleus, logits, NEG)
     if min_p > 0.0:
         logits = jnp.where(logits >= jnp.max(logits) + math.log(min_p), logits, NEG)
     return logits

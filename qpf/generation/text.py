@@ -43,27 +43,64 @@ def generate_text(
     ``max_len`` >= prompt + ``max_new_tokens``), so several samples can share one prefill
     of a long prompt; None prefills here, ``chunk_size`` tokens per compiled call.
     """
-    if isinstance(prompt, str):
-        if encode is None:
-            raise ConfigError("a text prompt needs an encode callable (or pass token ids)")
-        prompt = encode(prompt)
+    ids = _prompt_ids(prompt, encode)
     if block_size < 1:
         raise ConfigError(f"block_size = {block_size} is invalid: allowed an int >= 1")
-    ids = np.asarray(prompt, np.int32)[None]
     if prefilled is None:
-        logits, state = prefill(
+        prefilled = prefill(
             module,
             params,
             jnp.asarray(ids),
             chunk_size=chunk_size,
             max_len=ids.shape[1] + max_new_tokens,
         )
-    else:
-        logits, state = prefilled
+    blocks = _token_blocks(
+        module,
+        params,
+        prefilled,
+        ids,
+        max_new_tokens=max_new_tokens,
+        block_size=block_size,
+        config=config,
+        seed=seed,
+        eos_id=eos_id,
+        pad_id=pad_id,
+    )
+    yield from _stable_text(blocks, decode_ids)
+
+
+def _prompt_ids(
+    prompt: str | Sequence[int], encode: Callable[[str], Sequence[int]] | None
+) -> np.ndarray:
+    """The prompt as int32 ids ``[1, T]`` (a text prompt is encoded)."""
+    if isinstance(prompt, str):
+        if encode is None:
+            raise ConfigError("a text prompt needs an encode callable (or pass token ids)")
+        prompt = encode(prompt)
+    return np.asarray(prompt, np.int32)[None]
+
+
+def _token_blocks(
+    module: nn.Module,
+    params: Params,
+    prefilled: tuple[jax.Array, DecodeState],
+    ids: np.ndarray,
+    *,
+    max_new_tokens: int,
+    block_size: int,
+    config: SamplingConfig,
+    seed: int,
+    eos_id: int | None,
+    pad_id: int,
+) -> Iterator[list[int]]:
+    """The new token ids of each compiled ``decode`` call of up to ``block_size`` tokens
+    (an ending EOS dropped); stops after EOS, a shorter block or ``max_new_tokens``.
+
+    A generator, so the next block is decoded only when the caller asks for more text.
+    """
+    logits, state = prefilled
     presence = presence_from_tokens(jnp.asarray(ids), logits.shape[-1])
     key = jax.random.key(seed)
-    generated: list[int] = []
-    emitted = ""  # text of ``generated`` already yielded
     made = 0
     while made < max_new_tokens:
         n = min(block_size, max_new_tokens - made)
@@ -85,13 +122,24 @@ def generate_text(
         new = [int(t) for t in np.asarray(out.tokens[0, :length])]
         made += n
         stopped = eos_id is not None and bool(new) and new[-1] == eos_id
-        generated.extend(new[:-1] if stopped else new)
+        yield new[:-1] if stopped else new
+        if stopped or length < n:
+            return
+
+
+def _stable_text(
+    blocks: Iterator[list[int]], decode_ids: Callable[[Sequence[int]], str]
+) -> Iterator[str]:
+    """The text added by each block of tokens, held back while the decoded text ends in an
+    incomplete UTF-8 sequence (U+FFFD); whatever is left is yielded at the end."""
+    generated: list[int] = []
+    emitted = ""  # text of ``generated`` already yielded
+    for new in blocks:
+        generated.extend(new)
         text = decode_ids(generated)
         if not text.endswith("\ufffd") and len(text) > len(emitted):
             yield text[len(emitted) :]
             emitted = text
-        if stopped or length < n:
-            break
     text = decode_ids(generated)
     if len(text) > len(emitted):
         yield text[len(emitted) :]

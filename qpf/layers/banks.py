@@ -22,7 +22,7 @@ from qpf import config as cfgs
 from qpf.layers.core import CayleyRotation, PhaseModule, complex_table
 from qpf.ops import norms
 from qpf.ops import phase2d as p2d
-from qpf.registry import BANKS
+from qpf.registry import Registry
 
 Array = jax.Array
 
@@ -60,7 +60,6 @@ class _Bank(PhaseModule):
         return h
 
 
-@BANKS.register("semantic")
 class SemanticBank(_Bank):
     """Concept attention: softmax(2·cos(x, C_n)) over a complex concept table (spec §6.1)."""
 
@@ -81,7 +80,6 @@ class SemanticBank(_Bank):
         return self.output(h), None
 
 
-@BANKS.register("context")
 class ContextBank(_Bank):
     """Causal window average -> phase modulation of x (spec §6.2).
 
@@ -115,7 +113,6 @@ class ContextBank(_Bank):
         return self.output(h), padded[:, t:]
 
 
-@BANKS.register("language")
 class LanguageBank(_Bank):
     """Per-language complex gate and projection (spec §6.3).
 
@@ -152,7 +149,6 @@ class LanguageBank(_Bank):
         return p2d.from_concat(y)
 
 
-@BANKS.register("emotion")
 class EmotionBank(_Bank):
     """Soft emotion prototypes: h = x + 0.1·Σ softmax(Re detector(x))_n E_n (spec §6.4).
 
@@ -173,7 +169,6 @@ class EmotionBank(_Bank):
         return self.linear(d, "proc")(self.norm("norm")(h)), None
 
 
-@BANKS.register("morphology")
 class MorphologyBank(_Bank):
     """Pattern attention (softmax of moduli) and rotated split-GELU layers (spec §6.5)."""
 
@@ -200,7 +195,6 @@ class MorphologyBank(_Bank):
         return self.dropout_rng(deterministic, self.cfg.dropout)
 
 
-@BANKS.register("orthography")
 class OrthographyBank(_Bank):
     """Shape and script prototypes, then real-gated layers that keep phase (spec §6.6)."""
 
@@ -223,3 +217,17 @@ class OrthographyBank(_Bank):
             u = norms.real_part_dropout(u, c.dropout, rng)  # in evaluation too, as the original
             h = h + RESIDUAL * u
         return self.output(h), None
+
+
+# The model looks a bank up by its config's ``type`` (``qpf.config.BANK_CONFIGS``).
+BANKS: Registry = Registry.of(
+    "bank",
+    {
+        "semantic": SemanticBank,
+        "context": ContextBank,
+        "language": LanguageBank,
+        "emotion": EmotionBank,
+        "morphology": MorphologyBank,
+        "orthography": OrthographyBank,
+    },
+)

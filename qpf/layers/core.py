@@ -104,9 +104,6 @@ class CayleyRotation(nn.Module):
         return p2d.rotate(x, c, s).astype(x.dtype)
 
 
-IotaBlock = CayleyRotation  # the original's name, for readers of the spec
-
-
 class Phase2DEmbed(nn.Module):
     """Token id -> Phase2D vector from two real tables. ``[...]`` int -> ``[..., 2, dim]``.
 

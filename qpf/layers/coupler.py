@@ -12,7 +12,7 @@ from qpf import config as cfgs
 from qpf.layers.core import PhaseModule
 from qpf.ops import norms
 from qpf.ops import phase2d as p2d
-from qpf.registry import COUPLERS
+from qpf.registry import Registry
 
 Array = jax.Array
 
@@ -24,7 +24,6 @@ def unit_phase_init(key, shape, dtype):
     return jnp.zeros(shape, dtype).at[0].set(1.0)
 
 
-@COUPLERS.register("interference")
 class InterferenceCoupler(PhaseModule):
     """Fuse bank outputs: project, rotate by a learned unit phase, route, norm, fuse.
 
@@ -99,3 +98,7 @@ def coupling_loss(bank_outputs: Sequence[Array]) -> Array:
     if c.shape[0] == 1:
         return 0.1 * jnp.abs(jnp.abs(c[0]) - 0.5)
     return -jnp.var(c, ddof=1) + 0.1 * jnp.abs(jnp.mean(jnp.abs(c)) - 0.5)
+
+
+# The model looks the coupler up by its config's ``type``.
+COUPLERS: Registry = Registry.of("coupler", {"interference": InterferenceCoupler})

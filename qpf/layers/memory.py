@@ -11,12 +11,11 @@ from qpf.layers.core import PhaseModule, complex_table
 from qpf.ops import phase2d as p2d
 from qpf.ops.attention import windowed_attention
 from qpf.ops.retrieval import topk_read
-from qpf.registry import MEMORIES
+from qpf.registry import Registry
 
 Array = jax.Array
 
 
-@MEMORIES.register("phase_associative")
 class PhaseAssociativeMemory(PhaseModule):
     """Learned complex key/value slots read by top-k cosine attention.
 
@@ -95,3 +94,7 @@ class EpisodicMemory(PhaseModule):
                 "the original computes for T > 2·window) or 'sliding'"
             )
         return "causal" if t <= 2 * self.cfg.window else "chunked"
+
+
+# The model looks the global memory up by its config's ``type`` (episodic memory is fixed).
+MEMORIES: Registry = Registry.of("memory", {"phase_associative": PhaseAssociativeMemory})

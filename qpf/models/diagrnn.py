@@ -29,7 +29,7 @@ chunking of the input; ``init_state`` ignores ``max_len``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from qpf.config import positive_int, require
 from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_head, validate_common
 from qpf.models.contract import ModelOutput, State, applies_matmul_precision
-from qpf.models.family import ModelFamily, Preset, register_family
+from qpf.models.family import ModelFamily, Preset
 from qpf.ops.scan import linear_scan
 
 Array = jax.Array
@@ -56,6 +56,8 @@ class DiagRNNConfig:
     lambda_min/lambda_max: range of the initial per-channel decay λ, 0 < min < max < 1.
     dtype: compute dtype of GEMMs; norms and the recurrence are float32.
     """
+
+    family_name: ClassVar[str] = "diagrnn"  # its qpf.zoo family (not a field)
 
     vocab_size: int = 50257
     dim: int = 256
@@ -251,12 +253,10 @@ TEST_PRESET = Preset(
     learning_rate=1e-2,
 )
 
-DIAGRNN_FAMILY = register_family(
-    ModelFamily(
-        name="diagrnn",
-        config_cls=DiagRNNConfig,
-        build=lambda config: DiagRNN(config=config),
-        init_state=init_state,
-        presets={**PRESETS, "test": TEST_PRESET},
-    )
+DIAGRNN_FAMILY = ModelFamily(
+    name="diagrnn",
+    config_cls=DiagRNNConfig,
+    build=lambda config: DiagRNN(config=config),
+    init_state=init_state,
+    presets={**PRESETS, "test": TEST_PRESET},
 )

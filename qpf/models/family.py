@@ -13,14 +13,14 @@ and generation computes only the positions it needs. A family without the keywor
 that still returns logits (features None, e.g. a non-linear head), gets the full-logits
 path automatically: ``apply_for_features`` decides, so no family has to opt in.
 
-Models are named ``family:preset`` (``qpf:tiny``, ``transformer:small``); a bare preset
-name means the qpf family.
+Families are registered explicitly, by name, in ``qpf.zoo`` (which imports every family
+module); look one up there: ``get_family(name)``, ``resolve_model('family:preset')``, or
+``family_of(config)`` via the config's ``family_name``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,7 +29,6 @@ from flax import linen as nn
 
 from qpf.config import ConfigError
 from qpf.models.contract import State
-from qpf.registry import Registry
 
 # Properties every family has unless it declares an exemption (checked by tests/test_families.py):
 # causal logits, gradient to every parameter and used table row, decoding in pieces equal to
@@ -59,7 +58,8 @@ class ModelFamily:
     """One architecture.
 
     config_cls: frozen config dataclass (``qpf.config.to_dict/from_dict`` round-trip it;
-      it has a ``vocab_size`` field).
+      it has a ``vocab_size`` field, and a class attribute ``family_name`` equal to
+      ``name``, by which a built model finds its family).
     build: config -> Flax module following the call contract above.
     init_state: (config, batch_size, max_len) -> zero decoding state at position 0;
       ``max_len`` bounds the positions a cache must hold (ignored by recurrent models).
@@ -89,6 +89,13 @@ class ModelFamily:
     trainable: Callable[[Any], Callable[[Any], Any] | None] | None = None
 
     def __post_init__(self) -> None:
+        declared = getattr(self.config_cls, "family_name", None)
+        if declared != self.name:
+            raise ConfigError(
+                f"ModelFamily {self.name!r}: {self.config_cls.__name__}.family_name is "
+                f"{declared!r}; declare `family_name: ClassVar[str] = {self.name!r}` on the "
+                "config class (a model finds its family by that name)"
+            )
         for prop, reason in self.exempt.items():
             if prop not in PROPERTIES:
                 raise ConfigError(
@@ -107,52 +114,6 @@ class ModelFamily:
     def test_presets(self) -> list[str]:
         """Names of the presets built for tests (``test``, ``test-*``), in order."""
         return [n for n in self.presets if n == "test" or n.startswith("test-")]
-
-
-MODELS: Registry[ModelFamily] = Registry("model family")
-
-
-def register_family(family: ModelFamily) -> ModelFamily:
-    MODELS.register(family.name)(family)
-    return family
-
-
-def _ensure_registered() -> None:
-    # Importing the modules registers their families (qpf first, then the baselines).
-    for module in (
-        "qpf.presets",
-        "qpf.models.transformer",
-        "qpf.models.diagrnn",
-        "qpf.models.lightwave",
-        "qpf.models.wavegpt",
-        "qpf.models.qllm",
-        "qpf.models.qllm_v3",
-        "qpf.models.qllm_v2",
-    ):
-        importlib.import_module(module)
-
-
-def family_names() -> tuple[str, ...]:
-    """Names of every registered family, sorted."""
-    _ensure_registered()
-    return MODELS.names()
-
-
-def get_family(name: str) -> ModelFamily:
-    _ensure_registered()
-    try:
-        return MODELS.get(name)
-    except KeyError as err:
-        raise ConfigError(str(err.args[0])) from None
-
-
-def resolve_model(spec: str) -> tuple[ModelFamily, Preset]:
-    """``'family:preset'`` (or a bare qpf preset name) -> (family, preset)."""
-    family_name, _, preset_name = spec.rpartition(":")
-    family = get_family(family_name or "qpf")
-    if not preset_name:
-        raise ConfigError(f"model {spec!r}: give a preset, e.g. {family.name}:tiny")
-    return family, family.preset(preset_name)
 
 
 def accepts_return_features(module: nn.Module) -> bool:

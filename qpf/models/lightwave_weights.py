@@ -78,31 +78,34 @@ def config_from_torch(config_json: Mapping[str, Any], **overrides: Any) -> Light
     return LightwaveConfig(**fields)
 
 
-def lora_linear_from_torch(sd: TorchState, prefix: str) -> Params:
+def lora_linear_from_torch(weights: TorchState, prefix: str) -> Params:
     """``<prefix>.weight/bias[/lora_A/lora_B]`` (prefix may be '') -> kernel/bias[/lora_a/b]."""
     pre = f"{prefix}." if prefix else ""
-    p = {"kernel": sd.real(pre + "weight", True), "bias": sd.real(pre + "bias")}
-    if sd.has(pre + "lora_A"):
-        p["lora_a"] = sd.real(pre + "lora_A", True)
-        p["lora_b"] = sd.real(pre + "lora_B", True)
+    p = {"kernel": weights.real(pre + "weight", True), "bias": weights.real(pre + "bias")}
+    if weights.has(pre + "lora_A"):
+        p["lora_a"] = weights.real(pre + "lora_A", True)
+        p["lora_b"] = weights.real(pre + "lora_B", True)
     return p
 
 
-def layer_from_torch(sd: TorchState, prefix: str, config: LightwaveConfig) -> Params:
+def layer_from_torch(weights: TorchState, prefix: str, config: LightwaveConfig) -> Params:
     """One ``PhotonicInterferenceLayer`` (``prefix`` '' or 'layers.3.')."""
     p: Params = {
-        "coupling": sd.real(f"{prefix}coupling"),
-        "norm_scale": sd.real(f"{prefix}norm_scale"),
+        "coupling": weights.real(f"{prefix}coupling"),
+        "norm_scale": weights.real(f"{prefix}norm_scale"),
     }
     mp = f"{prefix}modulator."
     if config.mode == "wave":
-        p["modulator"] = {"phase_u": sd.real(mp + "phase_u"), "phase_v": sd.real(mp + "phase_v")}
+        p["modulator"] = {
+            "phase_u": weights.real(mp + "phase_u"),
+            "phase_v": weights.real(mp + "phase_v"),
+        }
     else:
         mod = {
-            n: lora_linear_from_torch(sd, mp + n)
+            n: lora_linear_from_torch(weights, mp + n)
             for n in ("q_proj", "k_proj", "v_proj", "out_proj")
         }
-        mod["rel_bias"] = {"table": sd.table(mp + "rel_bias.bias", config.rel_max_dist)}
+        mod["rel_bias"] = {"table": weights.table(mp + "rel_bias.bias", config.rel_max_dist)}
         p["modulator"] = mod
     return p
 
@@ -111,16 +114,16 @@ def params_from_torch(
     arrays: Mapping[str, np.ndarray], config: LightwaveConfig, dtype: Any = np.float32
 ) -> Params:
     """A full ``MultiLayerPhotonicNN`` state_dict -> the ``Lightwave`` params tree."""
-    sd = TorchState(arrays, dtype)
+    weights = TorchState(arrays, dtype)
     p: Params = {
-        "embed": sd.real("token_embed.embed.weight"),
-        "imag_embed": sd.real("token_embed.imag_embed.weight"),
-        "pos_bias": {"table": sd.table("pos_bias.bias", config.rel_max_dist)},
-        "readout": lora_linear_from_torch(sd, "readout.proj"),
+        "embed": weights.real("token_embed.embed.weight"),
+        "imag_embed": weights.real("token_embed.imag_embed.weight"),
+        "pos_bias": {"table": weights.table("pos_bias.bias", config.rel_max_dist)},
+        "readout": lora_linear_from_torch(weights, "readout.proj"),
     }
     for i in range(config.num_layers):
-        p[f"layers_{i}"] = layer_from_torch(sd, f"layers.{i}.", config)
-    sd.check_all_used()
+        p[f"layers_{i}"] = layer_from_torch(weights, f"layers.{i}.", config)
+    weights.check_all_used()
     return {"params": p}
 
 

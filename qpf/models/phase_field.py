@@ -16,10 +16,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qpf import config as cfgs
-from qpf.layers import banks as _banks  # noqa: F401  (registers the banks)
+from qpf.layers.banks import BANKS
 from qpf.layers.core import Phase2DEmbed, Phase2DLayerNorm, Phase2DLinear, complex_table, dense
-from qpf.layers.coupler import InterferenceCoupler as _Coupler  # noqa: F401  (registers)
-from qpf.layers.coupler import coupling_loss
+from qpf.layers.coupler import COUPLERS, coupling_loss
 from qpf.layers.embeddings import (
     BYTE_PAD,
     BytePatchDecoder,
@@ -27,12 +26,11 @@ from qpf.layers.embeddings import (
     MorphologyEmbed,
 )
 from qpf.layers.head import LMHead
-from qpf.layers.memory import EpisodicMemory
-from qpf.layers.memory import PhaseAssociativeMemory as _Memory  # noqa: F401  (registers)
+from qpf.layers.memory import MEMORIES, EpisodicMemory
 from qpf.layers.ssm import OscillatorySSM
 from qpf.models.contract import DTYPES, ModelOutput, State, applies_matmul_precision
 from qpf.ops import phase2d as p2d
-from qpf.registry import BACKBONES, BANKS, COUPLERS, MEMORIES
+from qpf.registry import BACKBONES
 
 Array = jax.Array
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, rate, require
 from qpf.models.baseline_layers import DTYPES
 from qpf.models.contract import ModelOutput, applies_matmul_precision
-from qpf.models.family import ModelFamily, Preset, State, register_family
+from qpf.models.family import ModelFamily, Preset, State
 
 Array = jax.Array
 
@@ -83,6 +83,8 @@ class QLLMConfig:
     matmul_precision: precision of float32 matrix products (``qpf.config.MATMUL_PRECISIONS``).
     dtype: compute dtype of GEMMs; norms, scores and softmax are float32.
     """
+
+    family_name: ClassVar[str] = "qllm"  # its qpf.zoo family (not a field)
 
     vocab_size: int = 256
     dim: int = 384
@@ -527,13 +529,11 @@ def _preset(name: str) -> Preset:
 
 PRESETS: dict[str, Preset] = {name: _preset(name) for name in _TABLE}
 
-QLLM_FAMILY = register_family(
-    ModelFamily(
-        name="qllm",
-        config_cls=QLLMConfig,
-        build=lambda config: QLLM(config=config),
-        init_state=init_state,
-        presets=PRESETS,
-        trainable=trainable,
-    )
+QLLM_FAMILY = ModelFamily(
+    name="qllm",
+    config_cls=QLLMConfig,
+    build=lambda config: QLLM(config=config),
+    init_state=init_state,
+    presets=PRESETS,
+    trainable=trainable,
 )

@@ -57,15 +57,15 @@ def config_from_kwargs(kwargs: Mapping[str, Any], **overrides: Any) -> QLLMConfi
     return QLLMConfig(**{**fields, **overrides})
 
 
-def _linear(sd: dict[str, np.ndarray], key: str, bias: bool = True) -> dict[str, np.ndarray]:
-    out = {"kernel": sd.pop(f"{key}.weight").T}
+def _linear(remaining: dict[str, np.ndarray], key: str, bias: bool = True) -> dict[str, np.ndarray]:
+    out = {"kernel": remaining.pop(f"{key}.weight").T}
     if bias:
-        out["bias"] = sd.pop(f"{key}.bias")
+        out["bias"] = remaining.pop(f"{key}.bias")
     return out
 
 
-def _norm(sd: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
-    return {"scale": sd.pop(f"{key}.weight"), "bias": sd.pop(f"{key}.bias")}
+def _norm(remaining: dict[str, np.ndarray], key: str) -> dict[str, np.ndarray]:
+    return {"scale": remaining.pop(f"{key}.weight"), "bias": remaining.pop(f"{key}.bias")}
 
 
 def params_from_torch(
@@ -75,34 +75,34 @@ def params_from_torch(
 
     Raises ValueError on unused upstream keys or on shapes that differ from the model's.
     """
-    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    remaining = {k: np.asarray(v) for k, v in state_dict.items()}
     p: dict[str, Any] = {
-        "tok_embed": {"embedding": sd.pop("tok_embed.weight")},
-        "pos_embedding": sd.pop("pos_embed.weight"),
-        "final_norm": _norm(sd, "ln"),
-        "head": _linear(sd, "head", bias=False),
+        "tok_embed": {"embedding": remaining.pop("tok_embed.weight")},
+        "pos_embedding": remaining.pop("pos_embed.weight"),
+        "final_norm": _norm(remaining, "ln"),
+        "head": _linear(remaining, "head", bias=False),
     }
     if config.rotator != "none":
-        p["phase_theta"] = sd.pop("phase.phase")
+        p["phase_theta"] = remaining.pop("phase.phase")
     if config.global_tokens:
-        p["global_memory_table"] = sd.pop("global_memory")
+        p["global_memory_table"] = remaining.pop("global_memory")
     for i in range(config.num_layers):
         pre = f"blocks.{i}"
         block: dict[str, Any] = {
-            "attn_norm": _norm(sd, f"{pre}.ln1"),
-            "mlp_norm": _norm(sd, f"{pre}.ln2"),
-            "fc1": _linear(sd, f"{pre}.mlp.0"),
-            "fc2": _linear(sd, f"{pre}.mlp.2"),
+            "attn_norm": _norm(remaining, f"{pre}.ln1"),
+            "mlp_norm": _norm(remaining, f"{pre}.ln2"),
+            "fc1": _linear(remaining, f"{pre}.mlp.0"),
+            "fc2": _linear(remaining, f"{pre}.mlp.2"),
         }
         for n in ("q", "k", "v", "o"):
-            lin: dict[str, Any] = {"base": _linear(sd, f"{pre}.attn.{n}.linear")}
+            lin: dict[str, Any] = {"base": _linear(remaining, f"{pre}.attn.{n}.linear")}
             if config.lora_rank:
-                lin["lora_down_kernel"] = sd.pop(f"{pre}.attn.{n}.B").T
-                lin["lora_up_kernel"] = sd.pop(f"{pre}.attn.{n}.A").T
+                lin["lora_down_kernel"] = remaining.pop(f"{pre}.attn.{n}.B").T
+                lin["lora_up_kernel"] = remaining.pop(f"{pre}.attn.{n}.A").T
             block[f"w{n}"] = lin
         p[f"blocks_{i}"] = block
-    if sd:
-        raise ValueError(f"upstream keys not used by this config: {sorted(sd)}")
+    if remaining:
+        raise ValueError(f"upstream keys not used by this config: {sorted(remaining)}")
     expected = jax.eval_shape(
         lambda: QLLM(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     )

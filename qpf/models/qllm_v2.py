@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from qpf.config import MATMUL_PRECISIONS, ConfigError, one_of, positive_int, rate, require
 from qpf.models.baseline_layers import DTYPES
 from qpf.models.contract import ModelOutput, applies_matmul_precision
-from qpf.models.family import ModelFamily, Preset, State, register_family
+from qpf.models.family import ModelFamily, Preset, State
 from qpf.ops import qllm_v2 as ops
 
 Array = jax.Array
@@ -74,6 +74,8 @@ class QLLMv2Config:
     matmul_precision: precision of float32 matrix products (``qpf.config.MATMUL_PRECISIONS``).
     dtype: compute dtype of the dense layers; trig, norms and softmax run in float32.
     """
+
+    family_name: ClassVar[str] = "qllm_v2"  # its qpf.zoo family (not a field)
 
     vocab_size: int = 256
     dim: int = 512
@@ -744,17 +746,15 @@ PRESETS: dict[str, Preset] = {
     p.name: p for name in _TABLE for p in (_preset(name, "causal"), _preset(name, "faithful"))
 }
 
-QLLM_V2_FAMILY = register_family(
-    ModelFamily(
-        name="qllm_v2",
-        config_cls=QLLMv2Config,
-        build=lambda config: QLLMv2(config=config),
-        init_state=init_state,
-        presets=PRESETS,
-        expected_leak=lambda config: (
-            "faithful mode reproduces the original's future-token leaks (spec §A11)"
-            if config.mode == "faithful"
-            else ""
-        ),
-    )
+QLLM_V2_FAMILY = ModelFamily(
+    name="qllm_v2",
+    config_cls=QLLMv2Config,
+    build=lambda config: QLLMv2(config=config),
+    init_state=init_state,
+    presets=PRESETS,
+    expected_leak=lambda config: (
+        "faithful mode reproduces the original's future-token leaks (spec §A11)"
+        if config.mode == "faithful"
+        else ""
+    ),
 )

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, require
 from qpf.models.baseline_layers import DTYPES
 from qpf.models.contract import ModelOutput, applies_matmul_precision
-from qpf.models.family import ModelFamily, Preset, State, register_family
+from qpf.models.family import ModelFamily, Preset, State
 from qpf.ops import v3_ops as ops
 
 Array = jax.Array
@@ -91,6 +91,8 @@ class QLLMv3Config:
     matmul_precision: precision of float32 matrix products (``qpf.config.MATMUL_PRECISIONS``).
     dtype: compute dtype of GEMMs; norms, softmaxes, spiking state are float32 (or f64).
     """
+
+    family_name: ClassVar[str] = "qllm_v3"  # its qpf.zoo family (not a field)
 
     vocab_size: int = 259
     dim: int = 128
@@ -673,12 +675,10 @@ def _preset(name: str) -> Preset:
 
 PRESETS: dict[str, Preset] = {name: _preset(name) for name in (*_FAITHFUL, *_SANE)}
 
-QLLM_V3_FAMILY = register_family(
-    ModelFamily(
-        name="qllm_v3",
-        config_cls=QLLMv3Config,
-        build=lambda config: QLLMv3(config=config),
-        init_state=init_state,
-        presets=PRESETS,
-    )
+QLLM_V3_FAMILY = ModelFamily(
+    name="qllm_v3",
+    config_cls=QLLMv3Config,
+    build=lambda config: QLLMv3(config=config),
+    init_state=init_state,
+    presets=PRESETS,
 )

@@ -65,142 +65,145 @@ class StateDict:
             raise ValueError(f"torch parameters with no qpf counterpart: {unexpected}")
 
 
-def _j(prefix: str, name: str) -> str:
+def _dotted(prefix: str, name: str) -> str:
+    """The torch state_dict key ``prefix.name`` (just ``name`` at the top level)."""
     return f"{prefix}.{name}" if prefix else name
 
 
-def linear(sd: StateDict, prefix: str) -> Params:
+def linear(weights: StateDict, prefix: str) -> Params:
     """Phase2DLinear: weight_{real,imag} [out, in] -> kernel_{re,im} [in, out]."""
     p = {
-        "kernel_re": sd(_j(prefix, "weight_real")).T,
-        "kernel_im": sd(_j(prefix, "weight_imag")).T,
+        "kernel_re": weights(_dotted(prefix, "weight_real")).T,
+        "kernel_im": weights(_dotted(prefix, "weight_imag")).T,
     }
-    if sd.has(_j(prefix, "bias_real")):
-        p["bias_re"] = sd(_j(prefix, "bias_real"))
-        p["bias_im"] = sd(_j(prefix, "bias_imag"))
+    if weights.has(_dotted(prefix, "bias_real")):
+        p["bias_re"] = weights(_dotted(prefix, "bias_real"))
+        p["bias_im"] = weights(_dotted(prefix, "bias_imag"))
     return p
 
 
-def dense(sd: StateDict, prefix: str) -> Params:
+def dense(weights: StateDict, prefix: str) -> Params:
     """nn.Linear: weight [out, in] -> kernel [in, out]; bias if present."""
-    p = {"kernel": sd(_j(prefix, "weight")).T}
-    if sd.has(_j(prefix, "bias")):
-        p["bias"] = sd(_j(prefix, "bias"))
+    p = {"kernel": weights(_dotted(prefix, "weight")).T}
+    if weights.has(_dotted(prefix, "bias")):
+        p["bias"] = weights(_dotted(prefix, "bias"))
     return p
 
 
-def norm(sd: StateDict, prefix: str) -> Params:
-    return {"scale": sd(_j(prefix, "scale"))}
+def norm(weights: StateDict, prefix: str) -> Params:
+    return {"scale": weights(_dotted(prefix, "scale"))}
 
 
-def embed(sd: StateDict, prefix: str) -> Params:
+def embed(weights: StateDict, prefix: str) -> Params:
     return {
-        "embedding_re": sd(_j(prefix, "embed_real.weight")),
-        "embedding_im": sd(_j(prefix, "embed_imag.weight")),
+        "embedding_re": weights(_dotted(prefix, "embed_real.weight")),
+        "embedding_im": weights(_dotted(prefix, "embed_imag.weight")),
     }
 
 
-def table(sd: StateDict, key: str) -> np.ndarray:
+def table(weights: StateDict, key: str) -> np.ndarray:
     """Complex table [..., d, 2] -> planar [..., 2, d]."""
-    return np.swapaxes(sd(key), -1, -2)
+    return np.swapaxes(weights(key), -1, -2)
 
 
-def _stack_layers(sd: StateDict, prefix: str, n: int, fn) -> dict[str, Params]:
-    return {f"layers_{i}": fn(sd, _j(prefix, f"layers.{i}")) for i in range(n)}
+def _stack_layers(weights: StateDict, prefix: str, n: int, fn) -> dict[str, Params]:
+    return {f"layers_{i}": fn(weights, _dotted(prefix, f"layers.{i}")) for i in range(n)}
 
 
-def _norms(sd: StateDict, prefix: str, n: int) -> dict[str, Params]:
-    return {f"norms_{i}": norm(sd, _j(prefix, f"norms.{i}")) for i in range(n)}
+def _norms(weights: StateDict, prefix: str, n: int) -> dict[str, Params]:
+    return {f"norms_{i}": norm(weights, _dotted(prefix, f"norms.{i}")) for i in range(n)}
 
 
-def _output(sd: StateDict, prefix: str) -> Params:
+def _output(weights: StateDict, prefix: str) -> Params:
     return {
-        "output_proj": linear(sd, _j(prefix, "output_proj")),
-        "output_norm": norm(sd, _j(prefix, "output_norm")),
+        "output_proj": linear(weights, _dotted(prefix, "output_proj")),
+        "output_norm": norm(weights, _dotted(prefix, "output_norm")),
     }
 
 
 # ------------------------------------------------------------------------- banks
 
 
-def semantic_bank(sd: StateDict, prefix: str, cfg: cfgs.SemanticBankConfig) -> Params:
+def semantic_bank(weights: StateDict, prefix: str, cfg: cfgs.SemanticBankConfig) -> Params:
     return {
-        "concept_table": table(sd, _j(prefix, "concept_memory")),
-        **_stack_layers(sd, prefix, cfg.num_layers, linear),
-        **_norms(sd, prefix, cfg.num_layers),
-        **_output(sd, prefix),
+        "concept_table": table(weights, _dotted(prefix, "concept_memory")),
+        **_stack_layers(weights, prefix, cfg.num_layers, linear),
+        **_norms(weights, prefix, cfg.num_layers),
+        **_output(weights, prefix),
     }
 
 
-def context_bank(sd: StateDict, prefix: str, cfg: cfgs.ContextBankConfig) -> Params:
+def context_bank(weights: StateDict, prefix: str, cfg: cfgs.ContextBankConfig) -> Params:
     return {
-        "window_weights": sd(_j(prefix, "window_weights")),
-        "context_proj": linear(sd, _j(prefix, "context_proj")),
-        "modulation_proj": linear(sd, _j(prefix, "modulation_proj")),
-        **_stack_layers(sd, prefix, cfg.num_layers, linear),
-        **_norms(sd, prefix, cfg.num_layers),
-        **_output(sd, prefix),
+        "window_weights": weights(_dotted(prefix, "window_weights")),
+        "context_proj": linear(weights, _dotted(prefix, "context_proj")),
+        "modulation_proj": linear(weights, _dotted(prefix, "modulation_proj")),
+        **_stack_layers(weights, prefix, cfg.num_layers, linear),
+        **_norms(weights, prefix, cfg.num_layers),
+        **_output(weights, prefix),
     }
 
 
-def language_bank(sd: StateDict, prefix: str, cfg: cfgs.LanguageBankConfig) -> Params:
-    projs = [linear(sd, _j(prefix, f"language_projs.{i}")) for i in range(cfg.num_languages)]
+def language_bank(weights: StateDict, prefix: str, cfg: cfgs.LanguageBankConfig) -> Params:
+    projs = [
+        linear(weights, _dotted(prefix, f"language_projs.{i}")) for i in range(cfg.num_languages)
+    ]
     stacked = {
         f"language_projs_{k}": np.stack([p[k] for p in projs])
         for k in ("kernel_re", "kernel_im", "bias_re", "bias_im")
     }
     return {
-        "language_gates": table(sd, _j(prefix, "language_gates")),
-        "universal_proj": linear(sd, _j(prefix, "universal_proj")),
+        "language_gates": table(weights, _dotted(prefix, "language_gates")),
+        "universal_proj": linear(weights, _dotted(prefix, "universal_proj")),
         **stacked,
-        **_stack_layers(sd, prefix, cfg.num_layers, linear),
-        **_norms(sd, prefix, cfg.num_layers),
-        **_output(sd, prefix),
+        **_stack_layers(weights, prefix, cfg.num_layers, linear),
+        **_norms(weights, prefix, cfg.num_layers),
+        **_output(weights, prefix),
     }
 
 
-def real_part_of_linear(sd: StateDict, prefix: str) -> Params:
+def real_part_of_linear(weights: StateDict, prefix: str) -> Params:
     """Re(Phase2DLinear(x)) as a real map of the concat layout: [W_r; -W_i] and b_r."""
-    p = linear(sd, prefix)
+    p = linear(weights, prefix)
     return {"kernel": np.concatenate([p["kernel_re"], -p["kernel_im"]], 0), "bias": p["bias_re"]}
 
 
-def emotion_bank(sd: StateDict, prefix: str, cfg: cfgs.EmotionBankConfig) -> Params:
+def emotion_bank(weights: StateDict, prefix: str, cfg: cfgs.EmotionBankConfig) -> Params:
     return {
-        "emotion_table": table(sd, _j(prefix, "emotion_embeds")),
-        "emotion_detector": real_part_of_linear(sd, _j(prefix, "emotion_detector")),
-        "proc": linear(sd, _j(prefix, "proc")),
-        "norm": norm(sd, _j(prefix, "norm")),
+        "emotion_table": table(weights, _dotted(prefix, "emotion_embeds")),
+        "emotion_detector": real_part_of_linear(weights, _dotted(prefix, "emotion_detector")),
+        "proc": linear(weights, _dotted(prefix, "proc")),
+        "norm": norm(weights, _dotted(prefix, "norm")),
     }
 
 
-def morphology_bank(sd: StateDict, prefix: str, cfg: cfgs.MorphologyBankConfig) -> Params:
+def morphology_bank(weights: StateDict, prefix: str, cfg: cfgs.MorphologyBankConfig) -> Params:
     p = {
-        "pattern_table": table(sd, _j(prefix, "pattern_bank")),
-        "pattern_detector": linear(sd, _j(prefix, "pattern_detector")),
-        **_output(sd, prefix),
+        "pattern_table": table(weights, _dotted(prefix, "pattern_bank")),
+        "pattern_detector": linear(weights, _dotted(prefix, "pattern_detector")),
+        **_output(weights, prefix),
     }
     for i in range(cfg.num_layers):
-        t = _j(prefix, f"transform_layers.{i}")
-        p[f"transform_layers_{i}_norm"] = norm(sd, f"{t}.norm")
-        p[f"transform_layers_{i}_rotation"] = {"skew": sd(f"{t}.rotation.skew_params")}
-        p[f"transform_layers_{i}_linear"] = linear(sd, f"{t}.linear")
+        t = _dotted(prefix, f"transform_layers.{i}")
+        p[f"transform_layers_{i}_norm"] = norm(weights, f"{t}.norm")
+        p[f"transform_layers_{i}_rotation"] = {"skew": weights(f"{t}.rotation.skew_params")}
+        p[f"transform_layers_{i}_linear"] = linear(weights, f"{t}.linear")
     return p
 
 
-def orthography_bank(sd: StateDict, prefix: str, cfg: cfgs.OrthographyBankConfig) -> Params:
+def orthography_bank(weights: StateDict, prefix: str, cfg: cfgs.OrthographyBankConfig) -> Params:
     p = {
-        "shape_table": table(sd, _j(prefix, "shape_patterns")),
-        "script_table": table(sd, _j(prefix, "script_embeddings")),
-        "shape_detector": linear(sd, _j(prefix, "shape_detector")),
-        "script_classifier": linear(sd, _j(prefix, "script_classifier")),
-        **_output(sd, prefix),
+        "shape_table": table(weights, _dotted(prefix, "shape_patterns")),
+        "script_table": table(weights, _dotted(prefix, "script_embeddings")),
+        "shape_detector": linear(weights, _dotted(prefix, "shape_detector")),
+        "script_classifier": linear(weights, _dotted(prefix, "script_classifier")),
+        **_output(weights, prefix),
     }
     for i in range(cfg.num_layers):
-        t = _j(prefix, f"layers.{i}")
-        p[f"layers_{i}_linear"] = linear(sd, f"{t}.linear")
-        p[f"layers_{i}_norm"] = norm(sd, f"{t}.norm")
-        p[f"layers_{i}_gate"] = dense(sd, f"{t}.gate")
+        t = _dotted(prefix, f"layers.{i}")
+        p[f"layers_{i}_linear"] = linear(weights, f"{t}.linear")
+        p[f"layers_{i}_norm"] = norm(weights, f"{t}.norm")
+        p[f"layers_{i}_gate"] = dense(weights, f"{t}.gate")
     return p
 
 
@@ -217,46 +220,51 @@ BANK_CONVERTERS = {
 # --------------------------------------------------------------- other components
 
 
-def coupler(sd: StateDict, prefix: str, cfg: cfgs.CouplerConfig, names: tuple[str, ...]) -> Params:
-    p: Params = {"fusion": linear(sd, f"{prefix}.fusion"), "norm": norm(sd, f"{prefix}.norm")}
+def coupler(
+    weights: StateDict, prefix: str, cfg: cfgs.CouplerConfig, names: tuple[str, ...]
+) -> Params:
+    p: Params = {
+        "fusion": linear(weights, f"{prefix}.fusion"),
+        "norm": norm(weights, f"{prefix}.norm"),
+    }
     for n in names:
-        p[f"bank_projs_{n}"] = linear(sd, f"{prefix}.bank_projs.{n}")
-        p[f"interference_phases_{n}"] = table(sd, f"{prefix}.interference_phases.{n}")
+        p[f"bank_projs_{n}"] = linear(weights, f"{prefix}.bank_projs.{n}")
+        p[f"interference_phases_{n}"] = table(weights, f"{prefix}.interference_phases.{n}")
     if len(names) > 1 and cfg.dynamic_routing:
-        p["router_0"] = dense(sd, f"{prefix}.router.0")
-        p["router_2"] = dense(sd, f"{prefix}.router.2")
+        p["router_0"] = dense(weights, f"{prefix}.router.0")
+        p["router_2"] = dense(weights, f"{prefix}.router.2")
     elif len(names) > 1:
-        p["static_weights"] = sd(f"{prefix}.static_weights")
+        p["static_weights"] = weights(f"{prefix}.static_weights")
     return p
 
 
-def ssm_layer(sd: StateDict, prefix: str) -> Params:
+def ssm_layer(weights: StateDict, prefix: str) -> Params:
     return {
-        "skew": sd(_j(prefix, "rotation.skew_params")),
-        "damping": sd(_j(prefix, "damping_param")),
-        "B": linear(sd, _j(prefix, "B")),
-        "C": linear(sd, _j(prefix, "C")),
-        "D": linear(sd, _j(prefix, "D")),
-        "gate_proj": dense(sd, _j(prefix, "gate_proj")),
+        "skew": weights(_dotted(prefix, "rotation.skew_params")),
+        "damping": weights(_dotted(prefix, "damping_param")),
+        "B": linear(weights, _dotted(prefix, "B")),
+        "C": linear(weights, _dotted(prefix, "C")),
+        "D": linear(weights, _dotted(prefix, "D")),
+        "gate_proj": dense(weights, _dotted(prefix, "gate_proj")),
     }
 
 
-def backbone(sd: StateDict, prefix: str, cfg: cfgs.BackboneConfig) -> Params:
+def backbone(weights: StateDict, prefix: str, cfg: cfgs.BackboneConfig) -> Params:
     n = cfg.num_layers
     return {
-        **{f"layers_{i}": ssm_layer(sd, f"{prefix}.layers.{i}") for i in range(n)},
-        **_norms(sd, prefix, n),
-        "output_norm": norm(sd, f"{prefix}.output_norm"),
-        "layer_scales": np.stack([sd(f"{prefix}.layer_scales.{i}") for i in range(n)]),
+        **{f"layers_{i}": ssm_layer(weights, f"{prefix}.layers.{i}") for i in range(n)},
+        **_norms(weights, prefix, n),
+        "output_norm": norm(weights, f"{prefix}.output_norm"),
+        "layer_scales": np.stack([weights(f"{prefix}.layer_scales.{i}") for i in range(n)]),
     }
 
 
-def memory(sd: StateDict, prefix: str) -> Params:
+def memory(weights: StateDict, prefix: str) -> Params:
     return {
-        "key_table": table(sd, _j(prefix, "keys")),
-        "value_table": table(sd, _j(prefix, "values")),
-        "query_proj": linear(sd, _j(prefix, "query_proj")),
-        **_output(sd, prefix),
+        "key_table": table(weights, _dotted(prefix, "keys")),
+        "value_table": table(weights, _dotted(prefix, "values")),
+        "query_proj": linear(weights, _dotted(prefix, "query_proj")),
+        **_output(weights, prefix),
     }
 
 
@@ -271,32 +279,32 @@ def interleaved_to_concat(weight: np.ndarray) -> np.ndarray:
     return weight[np.ix_(perm, perm)].T
 
 
-def episodic(sd: StateDict, prefix: str) -> Params:
+def episodic(weights: StateDict, prefix: str) -> Params:
     return {
-        f"{n}_proj": {"kernel": interleaved_to_concat(sd(f"{prefix}.{n}_proj.weight"))}
+        f"{n}_proj": {"kernel": interleaved_to_concat(weights(f"{prefix}.{n}_proj.weight"))}
         for n in ("query", "key", "value")
     }
 
 
-def morph_embed(sd: StateDict, prefix: str) -> Params:
+def morph_embed(weights: StateDict, prefix: str) -> Params:
     return {
-        "root_embed": embed(sd, _j(prefix, "root_embed")),
-        "prefix_rotations": sd(_j(prefix, "prefix_rotations.rotation_params")),
-        "suffix_rotations": sd(_j(prefix, "suffix_rotations.rotation_params")),
-        "prefix_magnitude": sd(_j(prefix, "prefix_magnitude.weight")),
-        "suffix_magnitude": sd(_j(prefix, "suffix_magnitude.weight")),
+        "root_embed": embed(weights, _dotted(prefix, "root_embed")),
+        "prefix_rotations": weights(_dotted(prefix, "prefix_rotations.rotation_params")),
+        "suffix_rotations": weights(_dotted(prefix, "suffix_rotations.rotation_params")),
+        "prefix_magnitude": weights(_dotted(prefix, "prefix_magnitude.weight")),
+        "suffix_magnitude": weights(_dotted(prefix, "suffix_magnitude.weight")),
     }
 
 
-def byte_patcher(sd: StateDict, prefix: str, patch_size: int) -> Params:
+def byte_patcher(weights: StateDict, prefix: str, patch_size: int) -> Params:
     return {
-        "embed": embed(sd, _j(prefix, "byte_embed")),
-        "position_weights": sd(_j(prefix, "position_weights")),
+        "embed": embed(weights, _dotted(prefix, "byte_embed")),
+        "position_weights": weights(_dotted(prefix, "position_weights")),
         **{
-            f"position_proj_{i}": linear(sd, _j(prefix, f"position_proj.{i}"))
+            f"position_proj_{i}": linear(weights, _dotted(prefix, f"position_proj.{i}"))
             for i in range(patch_size)
         },
-        **_output(sd, prefix),
+        **_output(weights, prefix),
     }
 
 
@@ -372,29 +380,29 @@ def config_from_torch(d: Mapping[str, Any], dtype: str = "float32") -> cfgs.Mode
     )
 
 
-def model_params(sd: StateDict, config: cfgs.ModelConfig) -> Params:
+def model_params(weights: StateDict, config: cfgs.ModelConfig) -> Params:
     """All qpf parameters of ``config`` from the original's state_dict (torch names)."""
     p: Params = {}
     if config.input_mode == "morphological":
-        p["embed"] = morph_embed(sd, "embed.morph_embed")
-        p["prefix_head"] = dense(sd, "prefix_proj")
-        p["suffix_head"] = dense(sd, "suffix_proj")
+        p["embed"] = morph_embed(weights, "embed.morph_embed")
+        p["prefix_head"] = dense(weights, "prefix_proj")
+        p["suffix_head"] = dense(weights, "suffix_proj")
     else:
-        p["embed"] = embed(sd, "embed.bpe_embed")
+        p["embed"] = embed(weights, "embed.bpe_embed")
     for b in config.banks:
-        p[f"banks_{b.type}"] = BANK_CONVERTERS[b.type](sd, f"banks.{b.type}", b)
+        p[f"banks_{b.type}"] = BANK_CONVERTERS[b.type](weights, f"banks.{b.type}", b)
     if config.banks:
-        p["coupler"] = coupler(sd, "coupler", config.coupler, config.bank_names)
-    p["backbone"] = backbone(sd, "backbone", config.backbone)
+        p["coupler"] = coupler(weights, "coupler", config.coupler, config.bank_names)
+    p["backbone"] = backbone(weights, "backbone", config.backbone)
     if config.memory is not None:
-        p["memory"] = memory(sd, "memory")
-        p["memory_scale"] = sd("memory_scale")
+        p["memory"] = memory(weights, "memory")
+        p["memory_scale"] = weights("memory_scale")
     if config.episodic is not None:
-        p["episodic"] = episodic(sd, "episodic")
-    p["head_proj"] = linear(sd, "lm_head.0")
-    p["head_norm"] = norm(sd, "lm_head.1")
-    p["output_proj"] = dense(sd, "output_proj")
-    sd.check_all_used()
+        p["episodic"] = episodic(weights, "episodic")
+    p["head_proj"] = linear(weights, "lm_head.0")
+    p["head_norm"] = norm(weights, "lm_head.1")
+    p["output_proj"] = dense(weights, "output_proj")
+    weights.check_all_used()
     return p
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from qpf.config import one_of, positive_int, require
 from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_head, validate_common
 from qpf.models.contract import ModelOutput, State, applies_matmul_precision
-from qpf.models.family import ModelFamily, Preset, register_family
+from qpf.models.family import ModelFamily, Preset
 
 Array = jax.Array
 
@@ -63,6 +63,8 @@ class TransformerConfig:
     bias; the shared LM head keeps N(0, 0.02)). These serve the Wave-Native GPT's classic
     baseline (preset ``classic``, spec other_seeds §2.9).
     """
+
+    family_name: ClassVar[str] = "transformer"  # its qpf.zoo family (not a field)
 
     vocab_size: int = 50257
     dim: int = 256
@@ -393,12 +395,10 @@ TEST_PRESET = Preset(
     learning_rate=1e-2,
 )
 
-TRANSFORMER_FAMILY = register_family(
-    ModelFamily(
-        name="transformer",
-        config_cls=TransformerConfig,
-        build=lambda config: Transformer(config=config),
-        init_state=init_state,
-        presets={**PRESETS, "test": TEST_PRESET},
-    )
+TRANSFORMER_FAMILY = ModelFamily(
+    name="transformer",
+    config_cls=TransformerConfig,
+    build=lambda config: Transformer(config=config),
+    init_state=init_state,
+    presets={**PRESETS, "test": TEST_PRESET},
 )

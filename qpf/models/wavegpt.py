@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, rate, require
 from qpf.models.contract import ModelOutput, applies_matmul_precision
-from qpf.models.family import ModelFamily, Preset, State, register_family
+from qpf.models.family import ModelFamily, Preset, State
 from qpf.ops import wave as wv
 
 Array = jax.Array
@@ -75,6 +75,8 @@ class WaveGPTConfig:
     dtype: compute dtype of the dense layers; trigonometry, norms, softmax and running sums
     are float32.
     """
+
+    family_name: ClassVar[str] = "wavegpt"  # its qpf.zoo family (not a field)
 
     vocab_size: int = 50257
     dim: int = 384
@@ -451,12 +453,10 @@ def _preset(name: str) -> Preset:
 
 PRESETS: dict[str, Preset] = {name: _preset(name) for name in _TABLE}
 
-WAVEGPT_FAMILY = register_family(
-    ModelFamily(
-        name="wavegpt",
-        config_cls=WaveGPTConfig,
-        build=lambda config: WaveGPT(config=config),
-        init_state=init_state,
-        presets=PRESETS,
-    )
+WAVEGPT_FAMILY = ModelFamily(
+    name="wavegpt",
+    config_cls=WaveGPTConfig,
+    build=lambda config: WaveGPT(config=config),
+    init_state=init_state,
+    presets=PRESETS,
 )

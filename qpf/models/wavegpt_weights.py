@@ -148,10 +148,10 @@ def classic_config(fields: Mapping[str, Any], **overrides: Any) -> Any:
 
 
 def classic_params_from_state_dict(
-    sd: Mapping[str, np.ndarray], num_heads: int, dtype: Any = np.float32
+    weights: Mapping[str, np.ndarray], num_heads: int, dtype: Any = np.float32
 ) -> Params:
     """SpectralGPT (``nn.MultiheadAttention`` blocks) state dict -> transformer params."""
-    arr = {k: np.asarray(v).astype(dtype) for k, v in sd.items()}
+    arr = {k: np.asarray(v).astype(dtype) for k, v in weights.items()}
     used: set[str] = set()
 
     def get(name: str) -> np.ndarray:

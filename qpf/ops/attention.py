@@ -106,10 +106,14 @@ def _blocked(q, kk, vv, q_pos, k_pos, window, rule, scale) -> Array:
     vv = jnp.pad(vv, ((0, 0), (0, pad), (0, 0))).reshape(b, nb + 2, window, dim)
     q_pos = (q_pos[0] + jnp.arange(nb * window, dtype=jnp.int32)).reshape(nb, window)
     k_pos = (k_pos[0] + jnp.arange((nb + 2) * window, dtype=jnp.int32)).reshape(nb + 2, window)
-    three = lambda x, ax: jnp.concatenate(  # noqa: E731
-        [jax.lax.slice_in_dim(x, i, i + nb, axis=ax) for i in range(3)], axis=ax + 1
-    )
-    kw, vw, kpw = three(kk, 1), three(vv, 1), three(k_pos, 0)  # [B, nb, 3W, D], [nb, 3W]
+
+    def three_block_window(x: Array, ax: int) -> Array:
+        """Per query block i, key blocks i, i+1, i+2 of the padded keys, joined on ``ax + 1``."""
+        blocks = [jax.lax.slice_in_dim(x, i, i + nb, axis=ax) for i in range(3)]
+        return jnp.concatenate(blocks, axis=ax + 1)
+
+    kw, vw = three_block_window(kk, 1), three_block_window(vv, 1)  # [B, nb, 3W, D]
+    kpw = three_block_window(k_pos, 0)  # [nb, 3W]
     mask = visible(q_pos[:, :, None], kpw[:, None, :], window, rule)  # [nb, W, 3W]
     out = _masked_attend(q, kw, vw, mask, scale)
     return out.reshape(b, nb * window, dim)[:, :t]

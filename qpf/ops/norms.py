@@ -57,6 +57,6 @@ def real_part_dropout(u: Array, rate: float, rng: jax.Array | None) -> Array:
     """
     re, _ = p2d.split(u)
     if rng is not None and rate > 0.0:
-        keep = jax.random.bernoulli(rng, 1.0 - rate, re.shape)
-        re = jnp.where(keep, re / (1.0 - rate), 0.0)
+        kept = jax.random.bernoulli(rng, 1.0 - rate, re.shape)
+        re = jnp.where(kept, re / (1.0 - rate), 0.0)
     return u + u * re[..., None, :]

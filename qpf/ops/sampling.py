@@ -17,7 +17,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from qpf.config import ConfigError
+from qpf.errors import ConfigError
 
 Array = jax.Array
 
@@ -152,16 +152,16 @@ def filter_logits(logits: Array, config: SamplingConfig) -> Array:
 
 def _filter_dense(x: Array, config: SamplingConfig) -> Array:
     """``filter_logits`` after the temperature: float32 ``[B, V]``."""
-    keep = x > NEG_INF  # tokens already at -inf (e.g. banned upstream) stay removed
+    candidates = x > NEG_INF  # tokens already at -inf (e.g. banned upstream) stay removed
     if config.top_k > 0:
-        keep &= top_k_mask(x, config.top_k)
-    masked = jnp.where(keep, x, NEG_INF)
+        candidates &= top_k_mask(x, config.top_k)
+    masked = jnp.where(candidates, x, NEG_INF)
     if config.top_p < 1.0:
-        keep &= top_p_mask(masked, config.top_p)
-        masked = jnp.where(keep, x, NEG_INF)
+        candidates &= top_p_mask(masked, config.top_p)
+        masked = jnp.where(candidates, x, NEG_INF)
     if config.min_p > 0.0:
-        keep &= min_p_mask(masked, config.min_p)
-        masked = jnp.where(keep, x, NEG_INF)
+        candidates &= min_p_mask(masked, config.min_p)
+        masked = jnp.where(candidates, x, NEG_INF)
     return masked
 
 

@@ -218,8 +218,8 @@ def oscillatory_coefficients(
     acc = p2d.acc_dtype(jnp.result_type(gate_logits.dtype, bx.dtype))
     g = jax.nn.sigmoid(gate_logits.astype(acc))
     c, s = p2d.cayley(skew.astype(acc))
-    keep = (1.0 - g) * damping(damping_logit.astype(acc))
-    a = p2d.join(keep * c, keep * s)
+    decay = (1.0 - g) * damping(damping_logit.astype(acc))
+    a = p2d.join(decay * c, decay * s)
     b = bx.astype(acc) * g[..., None, :]
     return a, b
 

@@ -198,11 +198,11 @@ def lif_scan(
         z = spike_fn(v - threshold, slope)
         v = v * (1.0 - jax.lax.stop_gradient(z))
         hist = decay * hist + z
-        keep = 1.0 - spike_fn(hist - refractory, slope)
-        return (v, hist), keep
+        not_refractory = 1.0 - spike_fn(hist - refractory, slope)
+        return (v, hist), not_refractory
 
-    (v, hist), keep = jax.lax.scan(step, (v0, h0), jnp.swapaxes(s, 0, 1))
-    return s * jnp.swapaxes(keep, 0, 1).astype(s.dtype), v, hist
+    (v, hist), not_refractory = jax.lax.scan(step, (v0, h0), jnp.swapaxes(s, 0, 1))
+    return s * jnp.swapaxes(not_refractory, 0, 1).astype(s.dtype), v, hist
 
 
 # --------------------------------------------------------------- developmental plasticity
@@ -252,8 +252,8 @@ def cross_entropy(logits: Array, targets: Array, ignore_index: int | None = None
     nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
     if ignore_index is None:
         return jnp.mean(nll)
-    keep = (targets != ignore_index).astype(nll.dtype)
-    return jnp.sum(nll * keep) / jnp.maximum(jnp.sum(keep), 1.0)
+    counted = (targets != ignore_index).astype(nll.dtype)
+    return jnp.sum(nll * counted) / jnp.maximum(jnp.sum(counted), 1.0)
 
 
 def consciousness_loss(ce: Array, consciousness_weights: Array, weight: float = 0.1) -> Array:

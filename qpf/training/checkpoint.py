@@ -5,7 +5,7 @@ state (one file per process), and a JSON ``meta`` item (run config, tokenizer na
 metrics). Orbax writes each step into a temporary directory and renames it when complete,
 so a crash mid-save never touches the previous checkpoint.
 
-* ``RUN_DIR/checkpoints`` keeps the last ``keep`` steps (``max_to_keep``).
+* ``RUN_DIR/checkpoints`` keeps the last ``keep_last`` steps (``max_to_keep``).
 * ``RUN_DIR/best`` is kept by Orbax's own best-checkpoint retention (``best_fn`` on the
   saved ``val_loss`` metric, ``best_mode='min'``, ``max_to_keep=1``): the new step is
   written completely before the worse one is deleted, so a crash never leaves zero best
@@ -69,17 +69,17 @@ def _first_line(err: BaseException) -> str:
 
 
 class RunCheckpoints:
-    """``RUN_DIR/checkpoints`` (last ``keep`` steps) and ``RUN_DIR/best`` (min val loss).
+    """``RUN_DIR/checkpoints`` (last ``keep_last`` steps) and ``RUN_DIR/best`` (min val loss).
 
     read_only: open existing folders without creating or writing anything (inference).
     """
 
-    def __init__(self, run_dir: Path, keep: int = 3, read_only: bool = False) -> None:
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1 checkpoints, got {keep}")
+    def __init__(self, run_dir: Path, keep_last: int = 3, read_only: bool = False) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 checkpoints, got {keep_last}")
         self.run_dir = Path(run_dir)
         self.read_only = read_only
-        self.last = _manager(self.run_dir / "checkpoints", keep, False, read_only)
+        self.last = _manager(self.run_dir / "checkpoints", keep_last, False, read_only)
         self.best = _manager(self.run_dir / "best", 1, True, read_only)
         self.damaged: dict[str, set[int]] = {"last": set(), "best": set()}
 

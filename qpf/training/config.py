@@ -16,9 +16,10 @@ from qpf import config as cfgs
 from qpf.config import ConfigError, nonnegative_int, one_of, positive_int, require
 from qpf.data import DataConfig
 from qpf.diagnostics.in_step import INSIGHT_MODES
-from qpf.models.family import ModelFamily, get_family, resolve_model
+from qpf.models.family import ModelFamily
 from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig
+from qpf.zoo import get_family, resolve_model
 
 NAN_POLICIES = ("stop", "skip")
 RUN_SECTIONS = ("model", "model_config", "data", "optim", "loss", "train")

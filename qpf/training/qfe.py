@@ -63,8 +63,8 @@ def spectral_coherence(
         sig_o = probs @ proj
         sig_t = jnp.take(proj, targets, axis=0)
     if mask is not None:
-        keep = mask[..., None].astype(acc)
-        sig_o, sig_t = sig_o * keep, sig_t * keep
+        valid = mask[..., None].astype(acc)
+        sig_o, sig_t = sig_o * valid, sig_t * valid
     x_o = jnp.fft.rfft(sig_o, axis=1)
     x_t = jnp.fft.rfft(sig_t, axis=1)
     a_o, a_t = _safe_abs(x_o), jnp.abs(x_t)

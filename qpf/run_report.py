@@ -190,7 +190,7 @@ def routing_figure(run: RunData, probe: Any | None) -> bytes | None:
     if probe is None:
         return None
     _, sown = probe
-    routing = _find(sown, "routing")
+    routing = model_stats.find_sown(sown, "routing")
     if routing is None:
         return None
     stats = model_stats.routing_stats(routing)
@@ -202,18 +202,6 @@ def routing_figure(run: RunData, probe: Any | None) -> bytes | None:
     ax.set_xlabel("bank")
     ax.set_title(f"{run.name}: routing (entropy {float(stats['entropy']):.3f} of max)")
     return figure_png(fig)
-
-
-def _find(tree: Any, key: str) -> Any | None:
-    """First value stored under ``key`` in a nested dict of sown values (a tuple: first)."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            if k == key:
-                return v[0] if isinstance(v, tuple) else v
-            found = _find(v, key)
-            if found is not None:
-                return found
-    return None
 
 
 def polar_figure(run: RunData) -> bytes | None:
