@@ -95,7 +95,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(runs, tmp_path, caplog):
     for f in (run / "checkpoints" / "6" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    ckpt = RunCheckpoints(run, keep=3)
+    ckpt = RunCheckpoints(run, keep_last=3)
     assert ckpt.latest_meta() is not None  # the meta item of step 6 is still readable
     ckpt.close()
     with caplog.at_level(logging.WARNING):

@@ -5,6 +5,12 @@ state (one file per process), and a JSON ``meta`` item (run config, tokenizer na
 metrics). Orbax writes each step into a temporary directory and renames it when complete,
 so a crash mid-save never touches the previous checkpoint.
 
+Saves are asynchronous (Orbax's async checkpointing): ``save`` returns once the arrays are
+copied to host memory, and the files are written in a background thread while training
+goes on. Every read (``steps``, ``read_meta``, restores), the next save, and ``close``
+first wait for the write in flight, so a caller never sees a half-written step; a process
+that dies mid-write loses only that step.
+
 * ``RUN_DIR/checkpoints`` keeps the last ``keep_last`` steps (``max_to_keep``).
 * ``RUN_DIR/best`` is kept by Orbax's own best-checkpoint retention (``best_fn`` on the
   saved ``val_loss`` metric, ``best_mode='min'``, ``max_to_keep=1``): the new step is
@@ -39,7 +45,9 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was required."""
 
 
-def _manager(directory: Path, max_to_keep: int, best: bool, read_only: bool = False):
+def _manager(
+    directory: Path, max_to_keep: int, best: bool, read_only: bool = False, async_save: bool = True
+):
     best_options = {}
     if best:
         best_options = {"best_fn": (lambda m: m["val_loss"]), "best_mode": "min"}
@@ -51,7 +59,7 @@ def _manager(directory: Path, max_to_keep: int, best: bool, read_only: bool = Fa
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
-            enable_async_checkpointing=False,
+            enable_async_checkpointing=async_save,
             **best_options,
             **({"keep_checkpoints_without_metrics": False} if best else {}),
         )
@@ -84,9 +92,17 @@ class RunCheckpoints:
         self.damaged: dict[str, set[int]] = {"last": set(), "best": set()}
 
     def _mgr(self, which: str) -> ocp.CheckpointManager:
+        """The manager of ``which``, after any write in flight has finished."""
         if which not in ("last", "best"):
             raise ValueError(f"which = {which!r} is invalid: allowed 'last', 'best'")
-        return self.last if which == "last" else self.best
+        manager = self.last if which == "last" else self.best
+        manager.wait_until_finished()
+        return manager
+
+    def wait(self) -> None:
+        """Block until every asynchronous save has been written."""
+        self.last.wait_until_finished()
+        self.best.wait_until_finished()
 
     @staticmethod
     def _args(state: Any, data_iter: Any, meta: dict) -> ocp.args.Composite:
@@ -115,8 +131,7 @@ class RunCheckpoints:
         if step in manager.all_steps():
             self._replace(which, step, args, metrics)
             return
-        manager.save(step, args=args, metrics=metrics, force=True)
-        manager.wait_until_finished()
+        manager.save(step, args=args, metrics=metrics, force=True)  # returns before the write
 
     def _replace(self, which: str, step: int, args: Any, metrics: dict | None) -> None:
         """Write ``step`` completely into a staging folder, then swap it in by renames.
@@ -129,7 +144,7 @@ class RunCheckpoints:
         sub = Path(manager.directory).name
         staging = self.run_dir / ".replace" / sub
         shutil.rmtree(staging, ignore_errors=True)
-        stager = _manager(staging, 1, which == "best")
+        stager = _manager(staging, 1, which == "best", async_save=False)
         try:
             stager.save(step, args=args, metrics=metrics, force=True)
             stager.wait_until_finished()
@@ -243,5 +258,7 @@ class RunCheckpoints:
         return None
 
     def close(self) -> None:
+        """Finish the writes in flight, then release the managers."""
+        self.wait()
         self.last.close()
         self.best.close()
