@@ -46,7 +46,10 @@ def qpf_spectrum(params: Mapping[str, Any]) -> Spectrum | None:
     Returns arrays ``[L, N]``: abs, angle (radians), abs_ceiling (δ) and memory_length.
     """
     layers = _layers(params.get("backbone", {}))
-    if not layers or "skew" not in layers[0]:
+    # Only v4's gated recurrence has this closed form (the v5 options: ``qpf.ops.lru``).
+    if not layers or "skew" not in layers[0] or "gate_proj" not in layers[0]:
+        return None
+    if "input_gate" in layers[0]:
         return None
     f = lambda x: np.asarray(x, np.float64)  # noqa: E731
     delta = np.stack([0.5 + 0.5 / (1.0 + np.exp(-f(l["damping"]))) for l in layers])
