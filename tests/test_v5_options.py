@@ -343,3 +343,20 @@ def test_config_cross_checks_and_replace():
     assert cfgs.from_dict(cfgs.ModelConfig, cfgs.to_dict(model)) == model
     over = cfgs.apply_overrides(cfgs.ModelConfig(), {"backbone.selectivity": "rglru"})
     assert over.backbone.selectivity == "rglru"
+
+
+def test_recurrence_spectrum_covers_the_v5_recurrences():
+    from qpf.diagnostics.model_stats import qpf_spectrum
+
+    params = stack("all")[1]  # LRU + RG-LRU, two layers
+    spec = qpf_spectrum({"backbone": params})
+    layer = params["layers_1"]
+    g = _sigmoid(np.asarray(layer["gate_proj"]["bias"], np.float64))
+    log_mag = -np.exp(np.asarray(layer["nu"], np.float64))
+    assert spec["abs"].shape == (2, N)
+    np.testing.assert_allclose(spec["abs"][1], np.exp(lru.RGLRU_C * g * log_mag), rtol=1e-6)
+    np.testing.assert_allclose(spec["angle"][1], g * np.asarray(layer["theta"]), rtol=1e-6)
+    params = stack("geglu")[1]["layers_0"]  # v4's gated δ·Cayley
+    delta = 0.5 + 0.5 * _sigmoid(np.asarray(params["damping"], np.float64))
+    keep = (1 - _sigmoid(np.asarray(params["gate_proj"]["bias"], np.float64))) * delta
+    np.testing.assert_allclose(qpf_spectrum({"backbone": {"layers_0": params}})["abs"][0], keep)
