@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -188,13 +189,43 @@ class CouplerConfig:
         rate(self, "dropout")
 
 
+SSM_TYPES = ("v4", "lru")
+SELECTIVITIES = ("v4", "rglru", "none")
+NORM_TYPES = ("v4", "rms")
+ACTIVATIONS = ("v4", "modrelu", "modswish")
+CHANNEL_MIXERS = ("none", "complex_glu", "geglu")
+BLOCK_TYPES = ("v4", "griffin")
+INIT_TYPES = ("v4", "orthogonal")
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
-    """Oscillatory SSM stack (spec §8).
+    """Oscillatory SSM stack (spec §8), with the v5 architecture options (issue 10).
 
     ``scan_type`` picks the recurrence backend (see ``qpf.ops.scan``); ``chunk_size`` is the
     chunk of the 'chunked' backend; ``unroll`` the lax.scan unroll of 'sequential'.
     ``remat`` recomputes each layer in the backward pass to save activation memory.
+
+    v5 options (every default is the faithful v4; see ``qpf.ops.lru`` for the recurrences):
+      ssm: 'v4' (δ·Cayley(skew) eigenvalues) or 'lru' (λ = exp(-exp(ν) + iθ), |λ| uniform in
+        area on the ring [r_min, r_max], θ ~ U[0, max_phase], input scaled by √(1 - |λ|²)).
+      selectivity: 'v4' (a_t = (1 - g_t)·λ, b_t = g_t·Bx_t), 'rglru' (log a_t = 8·r_t·log λ,
+        input gate i_t, input scaled by √(1 - |a_t|²)) or 'none' (a_t = λ). Gates read the
+        concatenated real and imaginary parts.
+      norm: 'v4' (Phase2DLayerNorm) or 'rms' (phase-preserving complex RMS norm), for every
+        norm of the stack.
+      activation: 'v4' (the SSM output is linear; the complex GLU gate uses the v4 banks'
+        GELU(Re u)·u), 'modrelu' or 'modswish' (applied to the SSM output and the complex GLU
+        gate).
+      channel_mixer: 'none' (v4), 'complex_glu' or 'geglu' (a real GeGLU on the concat
+        layout), hidden width ``mlp_expansion``·dim complex (2·that real), after each SSM layer.
+      conv_width: causal depthwise complex convolution of the SSM input before the
+        recurrence (0 = off; 4 is Griffin's).
+      block: 'v4' (h += γ_l·M_l(N_l h), M_l = SSM then, with a channel mixer, y += MLP(N'y);
+        γ_l start at ``layer_scale_init``) or 'griffin' (h += SSM(N h); h += MLP(N' h); no
+        layer scales, so ``layer_scale_init`` is unused).
+      init: 'v4' (N(0, 0.02)) or 'orthogonal' (orthogonal matrices with Xavier gain
+        √(2/(in + out)) per entry) for the stack's matrices.
     """
 
     type: Literal["oscillatory_ssm"] = "oscillatory_ssm"
@@ -207,12 +238,49 @@ class BackboneConfig:
     chunk_size: int = 128
     unroll: int = 1
     remat: bool = False
+    ssm: str = "v4"
+    r_min: float = 0.9
+    r_max: float = 0.999
+    max_phase: float = 2 * math.pi
+    selectivity: str = "v4"
+    norm: str = "v4"
+    activation: str = "v4"
+    channel_mixer: str = "none"
+    mlp_expansion: int = 2
+    conv_width: int = 0
+    block: str = "v4"
+    init: str = "v4"
 
     def __post_init__(self) -> None:
         one_of(self, "type", ("oscillatory_ssm",))
-        positive_int(self, "state_dim", "num_layers", "chunk_size", "unroll")
+        positive_int(self, "state_dim", "num_layers", "chunk_size", "unroll", "mlp_expansion")
+        nonnegative_int(self, "conv_width")
         rate(self, "dropout")
         one_of(self, "scan_type", SCAN_TYPES)
+        one_of(self, "ssm", SSM_TYPES)
+        one_of(self, "selectivity", SELECTIVITIES)
+        one_of(self, "norm", NORM_TYPES)
+        one_of(self, "activation", ACTIVATIONS)
+        one_of(self, "channel_mixer", CHANNEL_MIXERS)
+        one_of(self, "block", BLOCK_TYPES)
+        one_of(self, "init", INIT_TYPES)
+        for f in ("r_min", "r_max"):
+            v = getattr(self, f)
+            require(isinstance(v, int | float) and 0.0 < v < 1.0, self, f, "a float in (0, 1)")
+        require(self.r_min <= self.r_max, self, "r_min", f"<= r_max = {self.r_max}")
+        v = self.max_phase
+        require(isinstance(v, int | float) and 0.0 <= v <= 2 * math.pi, self, "max_phase",
+                "a float in [0, 2π]")  # fmt: skip
+        if self.scan_type == "pallas":
+            # The fused kernel implements exactly v4's gated δ·Cayley recurrence.
+            require(self.ssm == "v4" and self.selectivity == "v4", self, "scan_type",
+                    "'pallas' only with ssm='v4' and selectivity='v4' (use 'chunked' or "
+                    "'auto' for the other recurrences)")  # fmt: skip
+
+    @property
+    def v4_recurrence(self) -> bool:
+        """Whether the recurrence is v4's gated δ·Cayley one (run by ``oscillatory_scan``)."""
+        return self.ssm == "v4" and self.selectivity == "v4"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,37 @@ TEST_PRESET = Preset(
 )
 
 
+# The test preset with every v5 backbone option (issue 10) switched on, so the
+# family-generic tests (causality, gradients, decode, resume, leak) cover them.
+TEST_V5_PRESET = Preset(
+    name="test-v5",
+    model=cfgs.ModelConfig(
+        vocab_size=259,
+        dim=6,
+        input_mode="byte_patch",
+        banks=(cfgs.ContextBankConfig(window_size=3, num_layers=1),),
+        backbone=cfgs.BackboneConfig(
+            state_dim=7,
+            num_layers=2,
+            ssm="lru",
+            selectivity="rglru",
+            norm="rms",
+            activation="modswish",
+            channel_mixer="complex_glu",
+            mlp_expansion=2,
+            conv_width=4,
+            block="griffin",
+            init="orthogonal",
+        ),
+        memory=cfgs.MemoryConfig(num_slots=5, top_k=3, key_chunk_size=3),
+        episodic=cfgs.EpisodicConfig(window=4),
+        byte_patch=cfgs.BytePatchConfig(patch_size=3, decoder_layers=1),
+    ),
+    batch_size=4,
+    learning_rate=1e-2,
+)
+
+
 def get_preset(name: str) -> Preset:
     """The preset called ``name``; an unknown name lists the valid ones."""
     if name not in PRESETS:
@@ -82,7 +113,7 @@ QPF_FAMILY = ModelFamily(
     config_cls=cfgs.ModelConfig,
     build=lambda config: QPFModel(config=config),
     init_state=lambda config, batch_size, max_len: init_state(config, batch_size),
-    presets={**PRESETS, "test": TEST_PRESET},
+    presets={**PRESETS, "test": TEST_PRESET, "test-v5": TEST_V5_PRESET},
     exempt={
         "bf16": "bfloat16 compute moves logits by up to ~1x their spread at the test "
         "preset (measured max 0.98, mean 0.07 of the spread: memory top-k near-ties flip "

@@ -83,7 +83,8 @@ def step_metrics(
     metrics = philosophy_metrics(
         logits=logits,
         mask=mask[:, ::stride],
-        ssm_state=state.get("backbone"),
+        # With the causal convolution on, the backbone state is {"h": ..., "conv": ...}.
+        ssm_state=_ssm_h(state.get("backbone")),
         banks=banks or None,
         prev_bank_summary=prev,
         memory_read=read,
@@ -112,3 +113,10 @@ def norm_metrics(grads: Any, old_params: Any, new_params: Any) -> dict[str, Arra
     ratios = model_stats.update_ratios(old_params, new_params)
     out.update({f"update_ratio/{k}": v for k, v in ratios.items()})
     return out
+
+
+def _ssm_h(backbone_state: Any) -> Any:
+    """The SSM hidden states ``[L, B, 2, N]`` of a backbone decoding state (or None)."""
+    if isinstance(backbone_state, dict):
+        return backbone_state.get("h")
+    return backbone_state

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qpf.ops.lru import RGLRU_C
+
 Array = jax.Array
 Spectrum = dict[str, np.ndarray]
 
@@ -41,18 +43,39 @@ def _spectrum(modulus: np.ndarray, ceiling: np.ndarray, angle: np.ndarray) -> Sp
 
 
 def qpf_spectrum(params: Mapping[str, Any]) -> Spectrum | None:
-    """v4 backbone: λ = (1 − σ(b_gate))·δ·e^{iθ}, δ = 0.5 + 0.5σ(damping), θ = 2·atan(skew).
+    """The qpf backbone's eigenvalues at zero input, for every ``BackboneConfig`` recurrence.
 
-    Returns arrays ``[L, N]``: abs, angle (radians), abs_ceiling (δ) and memory_length.
+    Base λ: v4 δ·e^{iθ} (δ = 0.5 + 0.5σ(damping), θ = 2·atan(skew)), LRU exp(−exp(ν) + iθ).
+    Selectivity at zero input (g = σ(gate bias)): v4 (1 − g)·λ; RG-LRU |λ|^{8g}·e^{igθ}
+    (``qpf.ops.lru``); none λ. Returns arrays ``[L, N]``: abs, angle (radians), abs_ceiling
+    (|λ|, the gate's limit: fully closed for v4, fully open for RG-LRU) and memory_length.
     """
     layers = _layers(params.get("backbone", {}))
-    if not layers or "skew" not in layers[0]:
+    if not layers or not ({"skew", "nu"} & set(layers[0])):
         return None
     f = lambda x: np.asarray(x, np.float64)  # noqa: E731
-    delta = np.stack([0.5 + 0.5 / (1.0 + np.exp(-f(l["damping"]))) for l in layers])
-    gate = np.stack([1.0 / (1.0 + np.exp(-f(l["gate_proj"]["bias"]))) for l in layers])
-    angle = np.stack([2.0 * np.arctan(f(l["skew"])) for l in layers])
-    return _spectrum((1.0 - gate) * delta, delta, angle)
+    sig = lambda x: 1.0 / (1.0 + np.exp(-f(x)))  # noqa: E731
+    keeps, ceilings, angles = [], [], []
+    for layer in layers:
+        if "skew" in layer:
+            log_mag, phase = (
+                np.log(0.5 + 0.5 * sig(layer["damping"])),
+                2.0 * np.arctan(f(layer["skew"])),
+            )
+        else:
+            log_mag, phase = -np.exp(f(layer["nu"])), f(layer["theta"])
+        ceilings.append(np.exp(log_mag))
+        if "input_gate" in layer:  # RG-LRU: log a = c·g·ℓ + i·g·φ
+            g = sig(layer["gate_proj"]["bias"])
+            keeps.append(np.exp(RGLRU_C * g * log_mag))
+            angles.append(g * phase)
+        elif "gate_proj" in layer:  # v4 gate: a = (1 − g)·λ
+            keeps.append((1.0 - sig(layer["gate_proj"]["bias"])) * np.exp(log_mag))
+            angles.append(phase)
+        else:
+            keeps.append(np.exp(log_mag))
+            angles.append(phase)
+    return _spectrum(np.stack(keeps), np.stack(ceilings), np.stack(angles))
 
 
 def diagrnn_spectrum(params: Mapping[str, Any]) -> Spectrum | None:

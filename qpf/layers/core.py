@@ -38,19 +38,21 @@ class Phase2DLinear(nn.Module):
     """Complex linear map y = x W + b as one real GEMM (block matrix, concat layout).
 
     ``[..., 2, in]`` -> ``[..., 2, features]``. Parameters ``kernel_re``/``kernel_im``
-    ``[in, features]`` and ``bias_re``/``bias_im`` ``[features]``.
+    ``[in, features]`` and ``bias_re``/``bias_im`` ``[features]``. ``kernel_init`` initialises
+    each of the two real kernels (default: the original's N(0, 0.02)).
     """
 
     features: int
     use_bias: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = normal_002
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         shape = (x.shape[-1], self.features)
-        w_re = self.param("kernel_re", normal_002, shape, self.param_dtype)
-        w_im = self.param("kernel_im", normal_002, shape, self.param_dtype)
+        w_re = self.param("kernel_re", self.kernel_init, shape, self.param_dtype)
+        w_im = self.param("kernel_im", self.kernel_init, shape, self.param_dtype)
         b_re = b_im = None
         if self.use_bias:
             b_re = self.param("bias_re", nn.initializers.zeros, (self.features,), self.param_dtype)

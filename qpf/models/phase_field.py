@@ -39,8 +39,9 @@ def init_state(config: cfgs.ModelConfig, batch_size: int) -> State:
     """The zero decoding state for ``batch_size`` rows at position 0.
 
     pos: tokens consumed so far (bytes in byte_patch mode); banks: per stateful bank;
-    backbone: ``[L, B, 2, N]`` float32; episodic: last 2W keys/values; byte: the last P
-    bytes and the context of the current patch.
+    backbone: ``[L, B, 2, N]`` float32 (a dict with the causal convolution's tails when
+    ``backbone.conv_width`` > 0, see ``OscillatorySSM``); episodic: last 2W keys/values;
+    byte: the last P bytes and the context of the current patch.
     """
     dt = DTYPES[config.dtype]
     state: State = {
@@ -50,7 +51,9 @@ def init_state(config: cfgs.ModelConfig, batch_size: int) -> State:
             for b in config.banks
             if hasattr(BANKS.get(b.type), "init_state")
         },
-        "backbone": OscillatorySSM.init_state(config.backbone, batch_size, p2d.acc_dtype(dt)),
+        "backbone": OscillatorySSM.init_state(
+            config.backbone, batch_size, p2d.acc_dtype(dt), config.dim
+        ),
     }
     if config.episodic is not None:
         state["episodic"] = EpisodicMemory.init_state(config.episodic, batch_size, config.dim, dt)

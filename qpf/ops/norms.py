@@ -60,3 +60,41 @@ def real_part_dropout(u: Array, rate: float, rng: jax.Array | None) -> Array:
         kept = jax.random.bernoulli(rng, 1.0 - rate, re.shape)
         re = jnp.where(kept, re / (1.0 - rate), 0.0)
     return u + u * re[..., None, :]
+
+
+RMS_NORM_EPS = 1e-6
+
+
+def complex_rms_norm(x: Array, scale: Array, eps: float = RMS_NORM_EPS) -> Array:
+    """Phase-preserving complex RMS norm: z / RMS(|z|) · gain, no mean subtraction.
+
+    RMS(|z|) = sqrt(mean_d(re² + im²) + eps) over the feature axis, accumulated in float32;
+    the gain ``scale [d]`` is real, so every element keeps its phase (unlike
+    ``phase_layer_norm``, whose zero-mean magnitudes flip about half the phases).
+    x ``[..., 2, d]`` -> ``[..., 2, d]`` in x's dtype.
+    """
+    xa = x.astype(p2d.acc_dtype(x.dtype))
+    ms = jnp.mean(p2d.modulus_sq(xa), axis=-1, keepdims=True)  # [..., 1]
+    gain = jax.lax.rsqrt(ms + eps) * scale.astype(xa.dtype)  # [..., d]
+    return (xa * gain[..., None, :]).astype(x.dtype)
+
+
+def modrelu(x: Array, bias: Array, eps: float = p2d.MODULUS_EPS) -> Array:
+    """modReLU: relu(|z| + b)·z/|z|, phase kept. x ``[..., 2, d]``, bias ``[d]``.
+
+    |z| = sqrt(re² + im² + eps), so z = 0 maps to 0 with finite gradients.
+    """
+    m = p2d.modulus(x, eps)  # [..., d] float32
+    gain = jax.nn.relu(m + bias.astype(m.dtype)) / m
+    return (x.astype(m.dtype) * gain[..., None, :]).astype(x.dtype)
+
+
+def modswish(x: Array, beta: Array, bias: Array, eps: float = p2d.MODULUS_EPS) -> Array:
+    """modSwish: |z|·σ(β|z| + b) on the magnitude, phase kept: z·σ(β|z| + b).
+
+    Written as z·σ(..) there is no division by |z|, so z = 0 is smooth.
+    x ``[..., 2, d]``, beta, bias ``[d]``.
+    """
+    m = p2d.modulus(x, eps)
+    gate = jax.nn.sigmoid(beta.astype(m.dtype) * m + bias.astype(m.dtype))
+    return (x.astype(m.dtype) * gate[..., None, :]).astype(x.dtype)
