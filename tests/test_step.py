@@ -149,3 +149,14 @@ def test_bfloat16_compute_keeps_float32_params_and_optimizer_state():
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),
                                                      jax.tree.leaves(new.params))]  # fmt: skip
     assert any(moved)
+
+
+def test_micro_batches_are_strided_rows():
+    # Micro-batch i = rows i::n, so a device's contiguous block of rows holds its share of
+    # every micro-batch (tests/test_data_parallel.py checks no row moves on 4 devices).
+    batch = {"tokens": jnp.arange(12).reshape(6, 2), "mask": jnp.arange(6) % 2 == 0}
+    micro = step_module.split_micro_batches(batch, 3)
+    assert micro["tokens"].shape == (3, 2, 2)
+    for i in range(3):
+        np.testing.assert_array_equal(micro["tokens"][i], batch["tokens"][i::3])
+        np.testing.assert_array_equal(micro["mask"][i], batch["mask"][i::3])
