@@ -3,7 +3,9 @@
 Data parallelism is GSPMD over a one-axis ``('data',)`` mesh: params are replicated, each
 batch is sharded along its rows, and XLA inserts the gradient all-reduce. Each process feeds
 only its own rows (``make_array_from_process_local_data``), so the same code runs on one
-CPU, on all local GPUs, and across machines after ``jax.distributed.initialize``.
+CPU, on all local GPUs, and across machines after ``jax.distributed.initialize``. Steps are
+traced under the mesh (``under_mesh``) so that ops with no partitioning rule (the Pallas scan)
+can run in ``shard_map`` over the data axis instead of being gathered.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The jitted train and eval steps: pure functions of (state, batch), metrics kept on device.
 
 One call of the train step is one optimizer update. Gradient accumulation splits the batch
-into ``grad_accum`` micro-batches inside the step (``lax.scan``), and the CE term is
+into ``grad_accum`` strided micro-batches inside the step (``lax.scan``; micro-batch i is rows
+``i::grad_accum``, so under data parallelism no row changes device), and the CE term is
 normalised by the whole batch's token count, so the update equals the un-accumulated one.
 A non-finite loss or gradient leaves params and optimizer state untouched (no NaN ever
 reaches a checkpoint); the host decides from the ``nonfinite`` metric whether to stop.
