@@ -28,6 +28,12 @@ wherever ``interpret=True``) the same kernel runs in Pallas interpret mode; if T
 lowering fails on some GPU/jax version, use ``scan_type="sequential"`` (the benchmark reports
 such a failure as an error row).
 
+Data parallelism
+----------------
+A ``pallas_call`` has no GSPMD partitioning rule, so under ``--data-parallel`` each kernel is
+wrapped in ``shard_map`` over the batch axis (``_per_device_rows``) when the trace runs under
+the training mesh: every device runs the kernel on its own rows and nothing is gathered.
+
 Why the time loop runs inside the kernel
 -----------------------------------------
 The recurrence is a chain of T dependent steps per channel, but channels are independent.
@@ -58,6 +64,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec
+
+from qpf.training.distributed import DATA_AXIS
 
 Array = jax.Array
 F32 = jnp.float32
@@ -236,6 +245,42 @@ def _specs(bsz: int, t: int, n: int, block_n: int):
     return seq, pairs, vec, state
 
 
+def _per_device_rows(call: Callable, batched_in: tuple[bool, ...], n_out: int) -> Callable:
+    """``call`` run by every device on its own batch rows when traced under a data mesh.
+
+    A ``pallas_call`` has no partitioning rule: under GSPMD data parallelism (a batch sharded
+    over the ``('data',)`` mesh, see ``qpf.training.distributed``) XLA would gather the whole
+    batch onto every device and run the kernel on all of it. When the trace runs under a mesh
+    with the data axis (``distributed.under_mesh``), the call is wrapped in ``shard_map``
+    instead: inputs flagged in ``batched_in`` (and all ``n_out`` outputs, which are per-row)
+    are split along axis 0, the per-channel parameters are passed whole. Nothing is
+    differentiated through the ``shard_map`` (the custom VJP's backward is its own wrapped
+    kernel), so the replication check (``check_vma``) has nothing to verify and is off.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return call
+    rows, whole = PartitionSpec(DATA_AXIS), PartitionSpec()
+
+    def checked(*args):
+        devices, bsz = mesh.shape[DATA_AXIS], args[0].shape[0]
+        if bsz % devices:
+            raise ValueError(
+                f"the Pallas scan under data parallelism got {bsz} batch rows, which do not "
+                f"split over the {devices} devices of the {DATA_AXIS!r} mesh axis: make the "
+                "batch (per micro-batch) a multiple of the device count"
+            )
+        return jax.shard_map(
+            call,
+            mesh=mesh,
+            in_specs=tuple(rows if b else whole for b in batched_in),
+            out_specs=(rows,) * n_out,
+            check_vma=False,
+        )(*args)
+
+    return checked
+
+
 def _call(kernel, opts: KernelOptions, shape, in_specs, out_specs, out_shape, name: str):
     bsz, _, n = shape
     return pl.pallas_call(
@@ -251,7 +296,8 @@ def _call(kernel, opts: KernelOptions, shape, in_specs, out_specs, out_shape, na
     )
 
 
-def _forward(gate, bx, damp, skew, h0, opts: KernelOptions) -> tuple[Array, Array]:
+def _forward_rows(gate, bx, damp, skew, h0, opts: KernelOptions) -> tuple[Array, Array]:
+    """The forward kernel over the rows it is given (all of them, or one device's shard)."""
     bsz, t, n = gate.shape
     seq, pairs, vec, state = _specs(bsz, t, n, opts.block_n)
     kernel = functools.partial(_forward_kernel, n=n, unroll=opts.unroll)
@@ -271,7 +317,8 @@ def _forward(gate, bx, damp, skew, h0, opts: KernelOptions) -> tuple[Array, Arra
     return call(gate, bx, damp, skew, h0)
 
 
-def _backward(gate, bx, damp, skew, h0, h, dh, dh_last, opts: KernelOptions):
+def _backward_rows(gate, bx, damp, skew, h0, h, dh, dh_last, opts: KernelOptions):
+    """The backward kernel over the rows it is given; dparams stays per row ``[B, 3, N]``."""
     bsz, t, n = gate.shape
     seq, pairs, vec, state = _specs(bsz, t, n, opts.block_n)
     kernel = functools.partial(_backward_kernel, n=n, unroll=opts.unroll)
@@ -293,6 +340,22 @@ def _backward(gate, bx, damp, skew, h0, h, dh, dh_last, opts: KernelOptions):
     return call(gate, bx, damp, skew, h0, h, dh, dh_last)
 
 
+# Which arguments of the two kernels are per batch row (split over devices) and which are
+# the per-channel parameters (damping_logit, skew: passed whole).
+_FORWARD_ROWS = (True, True, False, False, True)
+_BACKWARD_ROWS = (True, True, False, False, True, True, True, True)
+
+
+def _forward(gate, bx, damp, skew, h0, opts: KernelOptions) -> tuple[Array, Array]:
+    rows = functools.partial(_forward_rows, opts=opts)
+    return _per_device_rows(rows, _FORWARD_ROWS, 2)(gate, bx, damp, skew, h0)
+
+
+def _backward(gate, bx, damp, skew, h0, h, dh, dh_last, opts: KernelOptions):
+    rows = functools.partial(_backward_rows, opts=opts)
+    return _per_device_rows(rows, _BACKWARD_ROWS, 4)(gate, bx, damp, skew, h0, h, dh, dh_last)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _fused_scan(gate, bx, damp, skew, h0, opts: KernelOptions) -> tuple[Array, Array]:
     return _forward(gate, bx, damp, skew, h0, opts)
@@ -312,6 +375,8 @@ def _fused_scan_bwd(opts: KernelOptions, residuals, cotangents):
         gate, bx, damp, skew, h0, h, dh.astype(h.dtype), dh_last.astype(F32), opts
     )
     # Per-channel chain rule through δ(damping) and (c, s) = Cayley(skew), on [N] vectors.
+    # The batch sum is outside the kernel's shard_map: under data parallelism XLA turns it
+    # into the cross-device all-reduce, like every other parameter gradient.
     dc, ds, ddelta = jnp.sum(dparams, axis=0)
     sk = skew.astype(F32)
     den2 = (1.0 + sk * sk) ** 2

@@ -207,14 +207,20 @@ def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
     np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], atol=1e-5)
 
 
+# Measured final val/loss over seeds 0, 1, 2: 3.857, 3.982, 3.944 (see the test's docstring).
+LEARNED_BOUND = 4.1
+
+
 @pytest.mark.slow
 def test_tiny_preset_learns_tinyshakespeare_in_50_steps(data_dir, tmp_path, capsys):
     """The tiny preset at full size, bytes, 50 steps of 16 x 128.
 
     Threshold: a model that only knew which of TinyShakespeare's 65 distinct characters
-    occur would score ln 65 = 4.17 nats/byte (uniform over all 259 ids: 5.56). Validation
-    loss below 4.0 means it has learned which characters occur and how often (this run
-    measures 3.91 on CPU; the loss is still falling steeply at step 50).
+    occur would score ln 65 = 4.17 nats/byte (uniform over all 259 ids: 5.56); below that it
+    has learned how often they occur. Measured final validation loss (CPU, jax 0.10.2, this
+    command with --seed 0 / 1 / 2): 3.857, 3.982, 3.944 (the loss is still falling steeply
+    at step 50). The bound is the worst seed plus the seed-to-seed spread (0.125), rounded:
+    4.1, still under ln 65. This test runs seed 0.
     """
     args = ["--dataset", "tinyshakespeare", "--data-dir", str(data_dir),
             "--run-dir", str(tmp_path / "tiny"), "--steps", "50", "--eval-every", "50",
@@ -224,5 +230,5 @@ def test_tiny_preset_learns_tinyshakespeare_in_50_steps(data_dir, tmp_path, caps
     losses = _losses(tmp_path / "tiny")
     assert np.mean([losses[s] for s in range(41, 51)]) < np.mean([losses[s] for s in range(1, 11)])
     val = [r for r in read_metrics(tmp_path / "tiny") if "val/loss" in r][-1]
-    assert val["val/loss"] < 4.0, val
+    assert val["val/loss"] < LEARNED_BOUND, val
     assert "--- sample ---" in capsys.readouterr().out

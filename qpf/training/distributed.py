@@ -3,13 +3,17 @@
 Data parallelism is GSPMD over a one-axis ``('data',)`` mesh: params are replicated, each
 batch is sharded along its rows, and XLA inserts the gradient all-reduce. Each process feeds
 only its own rows (``make_array_from_process_local_data``), so the same code runs on one
-CPU, on all local GPUs, and across machines after ``jax.distributed.initialize``.
+CPU, on all local GPUs, and across machines after ``jax.distributed.initialize``. Steps are
+traced under the mesh (``under_mesh``) so that ops with no partitioning rule (the Pallas scan)
+can run in ``shard_map`` over the data axis instead of being gathered.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -18,6 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qpf.config import ConfigError
 
 DATA_AXIS = "data"
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def initialize_distributed(
@@ -65,6 +71,22 @@ def make_mesh(data_parallel: bool) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def under_mesh(fn: F, mesh: Mesh) -> F:
+    """``fn`` traced with ``mesh`` as the context mesh (wrap it before ``jax.jit``).
+
+    GSPMD needs no context mesh, but ops without a partitioning rule do: the Pallas scan
+    (``kernels.oscillatory_scan``) reads the context mesh to run itself in ``shard_map`` over
+    the data axis, each device on its own rows. The mesh is set only while ``fn`` traces.
+    """
+
+    @functools.wraps(fn)
+    def traced_under_mesh(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced_under_mesh  # type: ignore[return-value]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -82,12 +104,18 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, grad_accum: int) -> None:
-    """The global batch must split evenly over devices and micro-batches."""
+    """The global batch must split evenly into micro-batches, each over all devices.
+
+    Micro-batch i is rows i::grad_accum (``step.split_micro_batches``), so each device's
+    contiguous block of batch_size / n rows holds batch_size / (n * grad_accum) rows of every
+    micro-batch: no row moves between devices.
+    """
     n = mesh.devices.size
-    if batch_size % n or batch_size % grad_accum:
+    if batch_size % (n * grad_accum):
         raise ValueError(
-            f"batch size {batch_size} must be divisible by the number of devices ({n}) and by "
-            f"optim.grad_accum ({grad_accum}); change --batch-size"
+            f"batch size {batch_size} must be divisible by the number of devices ({n}) times "
+            f"optim.grad_accum ({grad_accum}), so every micro-batch splits over the devices; "
+            "change --batch-size or --grad-accum"
         )
 
 

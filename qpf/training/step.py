@@ -1,7 +1,8 @@
 """The jitted train and eval steps: pure functions of (state, batch), metrics kept on device.
 
 One call of the train step is one optimizer update. Gradient accumulation splits the batch
-into ``grad_accum`` micro-batches inside the step (``lax.scan``), and the CE term is
+into ``grad_accum`` strided micro-batches inside the step (``lax.scan``; micro-batch i is rows
+``i::grad_accum``, so under data parallelism no row changes device), and the CE term is
 normalised by the whole batch's token count, so the update equals the un-accumulated one.
 A non-finite loss or gradient leaves params and optimizer state untouched (no NaN ever
 reaches a checkpoint); the host decides from the ``nonfinite`` metric whether to stop.
@@ -63,47 +64,51 @@ def init_train_state(
     )
 
 
-def _split_micro(batch: Batch, n: int) -> Batch:
-    """``[B, ...]`` -> ``[n, B/n, ...]`` for every array of the batch."""
-    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+def split_micro_batches(batch: Batch, n: int) -> Batch:
+    """``[B, ...]`` -> ``[n, B/n, ...]`` for every array; micro-batch i is rows ``i::n``.
 
-
-def _aux_zeros(tokens: Array) -> Metrics:
-    """Zero accumulators of the per-micro-batch terms ``micro_loss`` returns.
-
-    The affix term exists exactly for morphological batches (``[B, T, 3]`` tokens), so the
-    structure is known without tracing the gradient (``jax.eval_shape`` would trace the
-    whole model a second time).
+    Strided, not contiguous: under data parallelism each device holds a contiguous block of
+    rows, and a block of B/d rows (B/d divisible by n) holds B/(d·n) rows of every
+    micro-batch, so each micro-batch is already sharded over all devices and no row moves.
+    A contiguous split would put whole micro-batches on single devices and reshard them.
     """
-    names = [k for k in AUX_TERMS if k != "affix" or tokens.ndim == 3]
-    return {k: jnp.zeros((), jnp.float32) for k in (*names, "ce_sum", "tokens")}
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(
+# micro_loss(params, micro_batch, rng, total_tokens, carry) -> (loss, aux)
+MicroLoss = Callable[[Any, Batch, Array, Array, Any], tuple[Array, Metrics]]
+# gradients(params, batch, base_rng, total_tokens, carry) -> (grads, loss, aux sums)
+Gradients = Callable[[Any, Batch, Array, Array, Any], tuple[Any, Array, Metrics]]
+
+
+def _weighted_loss(loss_cfg: LossConfig, terms: Metrics, total_tokens: Array, n: int) -> Array:
+    """This micro-batch's share of the step loss (summed over micro-batches = the loss).
+
+    CE is token-weighted over the whole batch (``total_tokens``), so its sum is exact; the
+    other terms are means per micro-batch and are averaged over the ``n`` micro-batches.
+    """
+    loss = loss_cfg.ce * terms["ce_sum"] / total_tokens
+    return (
+        loss
+        + (
+            loss_cfg.coherence * terms["coherence"]
+            + loss_cfg.coupling * terms["coupling"]
+            + loss_cfg.energy * terms["energy"]
+            + loss_cfg.affix * terms.get("affix", 0.0)
+            + loss_cfg.qfe * terms["qfe"]
+        )
+        / n
+    )
+
+
+def _make_micro_loss(
     module: nn.Module,
-    tx: optax.GradientTransformation,
     loss_cfg: LossConfig,
-    *,
-    seed: int,
-    grad_accum: int = 1,
-    objective: Callable[..., dict[str, Array]] = objective_terms,
-    insight: str = "off",
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Build ``step(state, batch) -> (state, metrics)`` (not yet jitted; jit it with
-    ``donate_argnums=0`` so params and optimizer state are updated in place).
-
-    batch: ``tokens`` int ``[B, T]`` (``[B, T, 3]`` morphological) and ``mask`` bool
-    ``[B, T]``; B must divide by ``grad_accum``. Dropout keys derive from (seed, step,
-    micro-batch), so a resumed run draws the same masks. The model is asked for pre-head
-    features when its family offers them, so the CE runs through the fused head
-    (``LossConfig.ce_impl``). ``objective`` (signature of ``objective_terms``) replaces
-    the terms, e.g. to time the step without its LM head (``experiments.benchmark``).
-    insight: 'on' / 'faithful' adds the philosophy metrics (``qpf.diagnostics``) and
-    per-module gradient norms and update ratios to the metrics; the state must then come
-    from ``init_train_state(..., insight=...)`` with the same mode.
-    """
-    if insight not in in_step.INSIGHT_MODES:
-        raise ValueError(f"insight = {insight!r}: allowed {', '.join(in_step.INSIGHT_MODES)}")
+    objective: Callable[..., dict[str, Array]],
+    insight: str,
+    grad_accum: int,
+) -> MicroLoss:
+    """The differentiated function: one micro-batch's loss share and its float32 aux terms."""
     extra = in_step.wants_intermediates(module) if insight != "off" else {}
 
     def micro_loss(params, micro: Batch, rng: Array, total_tokens: Array, carry: Any):
@@ -122,18 +127,21 @@ def make_train_step(
             aux.update(seen)
             if summary is not None:
                 aux["_bank_summary"] = summary
-        # CE is token-weighted over the whole batch; the other terms average micro-batches.
-        loss = loss_cfg.ce * terms["ce_sum"] / total_tokens
-        loss += (
-            loss_cfg.coherence * aux["coherence"]
-            + loss_cfg.coupling * aux["coupling"]
-            + loss_cfg.energy * aux["energy"]
-            + loss_cfg.affix * aux.get("affix", 0.0)
-            + loss_cfg.qfe * aux["qfe"]
-        ) / grad_accum
+        loss = _weighted_loss(loss_cfg, terms, total_tokens, grad_accum)
         aux = {**aux, "ce_sum": terms["ce_sum"], "tokens": terms["tokens"]}
         return loss.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in aux.items()}
 
+    return micro_loss
+
+
+def _make_gradients(micro_loss: MicroLoss, grad_accum: int) -> Gradients:
+    """Gradients, loss and aux sums over the ``grad_accum`` micro-batches of a batch.
+
+    The model is traced once either way: micro-batches run in a ``lax.scan`` whose carry is
+    only the gradient sum (shaped like params); per-micro-batch loss and aux come out as the
+    scan's stacked outputs and are summed after it, so their structure (model-dependent under
+    ``insight``) never has to be known in advance, and no ``eval_shape`` trace is needed.
+    """
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def gradients(params, batch: Batch, base: Array, total_tokens: Array, carry: Any):
@@ -141,67 +149,117 @@ def make_train_step(
             rng = jax.random.fold_in(base, 0)
             (loss, aux), grads = grad_fn(params, batch, rng, total_tokens, carry)
             return grads, loss, aux
-        micro = _split_micro(batch, grad_accum)
 
-        def accumulate(acc, xs):
-            grads, loss, aux = acc
-            i, mb = xs
+        def accumulate(grads, xs):
+            i, micro = xs
             rng = jax.random.fold_in(base, i)
-            (l_i, a_i), g_i = grad_fn(params, mb, rng, total_tokens, carry)
-            grads = jax.tree.map(jnp.add, grads, g_i)
-            return (grads, loss + l_i, jax.tree.map(jnp.add, aux, a_i)), None
+            (loss, aux), g = grad_fn(params, micro, rng, total_tokens, carry)
+            return jax.tree.map(jnp.add, grads, g), (loss, aux)
 
+        xs = (jnp.arange(grad_accum), split_micro_batches(batch, grad_accum))
         zeros = jax.tree.map(jnp.zeros_like, params)
-        if insight == "off":
-            aux0 = _aux_zeros(batch["tokens"])
-        else:  # the metric keys depend on the model: take them from an abstract evaluation
-            first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(lambda: grad_fn(params, first, base, 1.0, carry)[0][1])
-            aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-        init = (zeros, jnp.zeros((), jnp.float32), aux0)
-        (grads, loss, aux), _ = jax.lax.scan(accumulate, init, (jnp.arange(grad_accum), micro))
-        return grads, loss, aux
+        grads, (losses, auxes) = jax.lax.scan(accumulate, zeros, xs)
+        return grads, losses.sum(), jax.tree.map(lambda x: x.sum(0), auxes)
+
+    return gradients
+
+
+def _update_if_finite(
+    tx: optax.GradientTransformation, state: TrainState, grads: Any, loss: Array
+) -> tuple[Any, Any, Array, Array]:
+    """(params, opt_state, finite, grad_norm): the optimizer update, skipped when the loss or
+    the gradient norm is not finite."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(operands):
+        params, opt_state, grads = operands
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def skip(operands):
+        return operands[0], operands[1]
+
+    # A conditional, not a select over old and new trees: the update runs in place in the
+    # donated buffers, and a non-finite step costs nothing but the branch.
+    params, opt_state = jax.lax.cond(finite, update, skip, (state.params, state.opt_state, grads))
+    return params, opt_state, finite, grad_norm
+
+
+def _next_insight_carry(carry: Any, aux: Metrics, grad_accum: int) -> Any:
+    """The Viveka carry for the next step: this step's mean bank summary, when there is one."""
+    if carry is None or "_bank_summary" not in aux:
+        return carry
+    return {"bank_summary": aux["_bank_summary"] / grad_accum, "seen": jnp.array(True)}
+
+
+def _step_metrics(
+    aux: Metrics,
+    loss: Array,
+    grad_norm: Array,
+    finite: Array,
+    total_tokens: Array,
+    grad_accum: int,
+    insight: str,
+) -> Metrics:
+    """The logged scalars: aux terms averaged over micro-batches, CE over the whole batch."""
+    metrics = {
+        k: v / grad_accum
+        for k, v in aux.items()
+        if k in AUX_TERMS or (insight != "off" and "/" in k)
+    }
+    metrics["ce"] = aux["ce_sum"] / total_tokens
+    metrics.update(
+        loss=loss,
+        grad_norm=grad_norm,
+        tokens=aux["tokens"],
+        nonfinite=(~finite).astype(jnp.int32),
+    )
+    return metrics
+
+
+def make_train_step(
+    module: nn.Module,
+    tx: optax.GradientTransformation,
+    loss_cfg: LossConfig,
+    *,
+    seed: int,
+    grad_accum: int = 1,
+    objective: Callable[..., dict[str, Array]] = objective_terms,
+    insight: str = "off",
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Build ``step(state, batch) -> (state, metrics)`` (not yet jitted; jit it with
+    ``donate_argnums=0`` so params and optimizer state are updated in place).
+
+    batch: ``tokens`` int ``[B, T]`` (``[B, T, 3]`` morphological) and ``mask`` bool
+    ``[B, T]``; B must divide by ``grad_accum`` (micro-batch i is rows ``i::grad_accum``).
+    Dropout keys derive from (seed, step, micro-batch), so a resumed run draws the same
+    masks. The model is asked for pre-head features when its family offers them, so the CE
+    runs through the fused head (``LossConfig.ce_impl``). ``objective`` (signature of
+    ``objective_terms``) replaces the terms, e.g. to time the step without its LM head
+    (``experiments.benchmark``). insight: 'on' / 'faithful' adds the philosophy metrics
+    (``qpf.diagnostics``) and per-module gradient norms and update ratios to the metrics;
+    the state must then come from ``init_train_state(..., insight=...)`` with the same mode.
+    """
+    if insight not in in_step.INSIGHT_MODES:
+        raise ValueError(f"insight = {insight!r}: allowed {', '.join(in_step.INSIGHT_MODES)}")
+    micro_loss = _make_micro_loss(module, loss_cfg, objective, insight, grad_accum)
+    gradients = _make_gradients(micro_loss, grad_accum)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         total_tokens = jnp.maximum(batch["mask"][:, 1:].sum().astype(jnp.float32), 1.0)
         base = jax.random.fold_in(jax.random.key(seed), state.step)
         grads, loss, aux = gradients(state.params, batch, base, total_tokens, state.insight)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def update(operands):
-            params, opt_state, grads = operands
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        def skip(operands):
-            return operands[0], operands[1]
-
-        # A conditional, not a select over old and new trees: the update runs in place in
-        # the donated buffers, and a non-finite step costs nothing but the branch.
-        params, opt_state = jax.lax.cond(
-            finite, update, skip, (state.params, state.opt_state, grads)
-        )
-        carry = state.insight
-        if carry is not None and "_bank_summary" in aux:
-            carry = {"bank_summary": aux["_bank_summary"] / grad_accum, "seen": jnp.array(True)}
+        params, opt_state, finite, grad_norm = _update_if_finite(tx, state, grads, loss)
         new_state = TrainState(
-            step=state.step + 1, params=params, opt_state=opt_state, insight=carry
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            insight=_next_insight_carry(state.insight, aux, grad_accum),
         )
-        metrics = {
-            k: v / grad_accum
-            for k, v in aux.items()
-            if k in AUX_TERMS or (insight != "off" and "/" in k)
-        }
+        metrics = _step_metrics(aux, loss, grad_norm, finite, total_tokens, grad_accum, insight)
         if insight != "off":
             metrics.update(in_step.norm_metrics(grads, state.params, params))
-        metrics["ce"] = aux["ce_sum"] / total_tokens
-        metrics.update(
-            loss=loss,
-            grad_norm=grad_norm,
-            tokens=aux["tokens"],
-            nonfinite=(~finite).astype(jnp.int32),
-        )
         return new_state, metrics
 
     return step

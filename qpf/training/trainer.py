@@ -202,11 +202,18 @@ class Trainer:
             grad_accum=run.optim.grad_accum,
             insight=run.train.metrics,
         )
+        # Traced under the mesh so kernels without a partitioning rule (the Pallas scan) run
+        # in shard_map over the data axis; init sees no mesh (its example batch is one row).
         self._step = jax.jit(
-            step, in_shardings=(repl, rows), out_shardings=(repl, repl), donate_argnums=0
+            dist.under_mesh(step, self.mesh),
+            in_shardings=(repl, rows),
+            out_shardings=(repl, repl),
+            donate_argnums=0,
         )
         self._eval = jax.jit(
-            make_eval_step(self.module, run.loss), in_shardings=(repl, rows), out_shardings=repl
+            dist.under_mesh(make_eval_step(self.module, run.loss), self.mesh),
+            in_shardings=(repl, rows),
+            out_shardings=repl,
         )
 
     def _initial_state(self, resume: bool) -> tuple[TrainState, int]:
