@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from qpf.diagnostics import model_stats
 from qpf.diagnostics.philosophy import bank_summary, philosophy_metrics
+from qpf.layers.matrix_state import memories_as_planes
 from qpf.ops.losses import head_logits
 
 Array = jax.Array
@@ -83,7 +84,7 @@ def step_metrics(
     metrics = philosophy_metrics(
         logits=logits,
         mask=mask[:, ::stride],
-        ssm_state=state.get("backbone"),
+        ssm_state=_ssm_planes(state.get("backbone")),
         banks=banks or None,
         prev_bank_summary=prev,
         memory_read=read,
@@ -94,6 +95,14 @@ def step_metrics(
     if banks:
         summary = bank_summary([banks[n] for n in sorted(banks)], _mask_for(banks, mask))
     return metrics, summary
+
+
+def _ssm_planes(state: Any) -> Array | None:
+    """The backbone state as ``[L, B, 2, N]``: the SSM's as is; a matrix-state backbone's
+    (a dict) as its memories flattened per layer (None when it has no matrix layer)."""
+    if isinstance(state, dict):
+        return memories_as_planes(state)
+    return state
 
 
 def _mask_for(banks: dict[str, Array], mask: Array) -> Array | None:

@@ -27,9 +27,10 @@ from qpf.layers.embeddings import (
     MorphologyEmbed,
 )
 from qpf.layers.head import LMHead
+from qpf.layers.matrix_state import MatrixStateBackbone as _Matrix  # noqa: F401  (registers)
 from qpf.layers.memory import EpisodicMemory
 from qpf.layers.memory import PhaseAssociativeMemory as _Memory  # noqa: F401  (registers)
-from qpf.layers.ssm import OscillatorySSM
+from qpf.layers.ssm import OscillatorySSM as _SSM  # noqa: F401  (registers)
 from qpf.models.contract import DTYPES, ModelOutput, State, applies_matmul_precision
 from qpf.ops import phase2d as p2d
 from qpf.registry import BACKBONES, BANKS, COUPLERS, MEMORIES
@@ -41,8 +42,8 @@ def init_state(config: cfgs.ModelConfig, batch_size: int) -> State:
     """The zero decoding state for ``batch_size`` rows at position 0.
 
     pos: tokens consumed so far (bytes in byte_patch mode); banks: per stateful bank;
-    backbone: ``[L, B, 2, N]`` float32; episodic: last 2W keys/values; byte: the last P
-    bytes and the context of the current patch.
+    backbone: its ``init_state`` (oscillatory SSM: ``[L, B, 2, N]`` float32); episodic:
+    last 2W keys/values; byte: the last P bytes and the context of the current patch.
     """
     dt = DTYPES[config.dtype]
     state: State = {
@@ -52,7 +53,9 @@ def init_state(config: cfgs.ModelConfig, batch_size: int) -> State:
             for b in config.banks
             if hasattr(BANKS.get(b.type), "init_state")
         },
-        "backbone": OscillatorySSM.init_state(config.backbone, batch_size, p2d.acc_dtype(dt)),
+        "backbone": BACKBONES.get(config.backbone.type).init_state(
+            config.backbone, batch_size, p2d.acc_dtype(dt)
+        ),
     }
     if config.episodic is not None:
         state["episodic"] = EpisodicMemory.init_state(config.episodic, batch_size, config.dim, dt)
