@@ -228,3 +228,22 @@ def test_backbone_in_bfloat16_carries_float32_state():
     assert state["matrix"].dtype == jnp.float32
     # The cache keeps the state's dtype, so a while_loop carry does not change type.
     assert state["attention"]["keys"].dtype == jnp.float32
+
+
+def test_recurrent_form_and_remat_match_the_chunked_form():
+    c, mod = _backbone(local_attention_every=3, local_attention_window=3)
+    x = jax.random.normal(jax.random.key(0), (2, 11, 2, 6))
+    params = mod.init(jax.random.key(1), x)["params"]
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+
+    def run(cfg):
+        m = MatrixStateBackbone(cfg=cfg)
+        loss = lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x)[0]))  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    with jax.default_matmul_precision("float32"):
+        ref = run(c)
+        for changes in ({"form": "recurrent"}, {"remat": True}):
+            got = run(dataclasses.replace(c, **changes))
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=str(changes))
