@@ -123,6 +123,11 @@ def test_config_validation_and_round_trip():
     model = cfgs.ModelConfig(dim=6, backbone=c)
     assert cfgs.from_dict(cfgs.ModelConfig, cfgs.to_dict(model)) == model
     assert cfgs.apply_overrides(model, {"backbone.chunk_size": "7"}).backbone.chunk_size == 7
+    # A whole backbone is switched from the command line as JSON (--set model.backbone=...).
+    switched = cfgs.apply_overrides(cfgs.ModelConfig(), {"backbone": '{"type": "phase_matrix"}'})
+    assert switched.backbone == cfgs.MatrixStateConfig()
+    with pytest.raises(cfgs.ConfigError, match="backbone.type = 'lstm' is unknown"):
+        cfgs.apply_overrides(cfgs.ModelConfig(), {"backbone": '{"type": "lstm"}'})
     bad = {
         "num_heads": 0,
         "head_dim": -1,
