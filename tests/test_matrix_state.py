@@ -126,7 +126,7 @@ def test_config_validation_and_round_trip():
     # A whole backbone is switched from the command line as JSON (--set model.backbone=...).
     switched = cfgs.apply_overrides(cfgs.ModelConfig(), {"backbone": '{"type": "phase_matrix"}'})
     assert switched.backbone == cfgs.MatrixStateConfig()
-    with pytest.raises(cfgs.ConfigError, match="backbone.type = 'lstm' is unknown"):
+    with pytest.raises(cfgs.ConfigError, match=r"backbone\.type = 'lstm' is unknown"):
         cfgs.apply_overrides(cfgs.ModelConfig(), {"backbone": '{"type": "lstm"}'})
     bad = {
         "num_heads": 0,
