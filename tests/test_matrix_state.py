@@ -252,3 +252,18 @@ def test_recurrent_form_and_remat_match_the_chunked_form():
             got = run(dataclasses.replace(c, **changes))
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=str(changes))
+
+
+def test_in_step_diagnostics_read_the_matrix_memories():
+    from qpf.diagnostics.in_step import step_metrics
+    from qpf.presets import QPF_FAMILY
+
+    module = QPF_FAMILY.build(QPF_FAMILY.presets["test-matrix-hybrid"].model)
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 256)
+    params = module.init(jax.random.key(1), tokens)["params"]
+    out = module.apply({"params": params}, tokens, return_intermediates=True)
+    metrics, _ = step_metrics(module, out, jnp.ones(tokens.shape, bool), None, "on")
+    manas = {k: float(v) for k, v in metrics.items() if "manas" in k}
+    assert manas, sorted(metrics)
+    assert all(np.isfinite(v) for v in manas.values())
+    assert manas[next(k for k in manas if "magnitude" in k)] > 0
