@@ -273,3 +273,23 @@ def test_in_step_diagnostics_read_the_matrix_memories():
     assert manas, sorted(metrics)
     assert all(np.isfinite(v) for v in manas.values())
     assert manas[next(k for k in manas if "magnitude" in k)] > 0
+
+
+def test_every_state_leaf_has_one_row_axis():
+    # Beam search and row gathers find each leaf's row axis by comparing the states for 1
+    # and 2 rows (qpf.generation.core.batch_axes); gathering rows along it must equal
+    # running the gathered rows.
+    c, mod = _backbone(local_attention_every=3, local_attention_window=3)
+    x = jax.random.normal(jax.random.key(0), (2, 7, 2, 6))
+    params = mod.init(jax.random.key(1), x)["params"]
+    one, two = mod.init_state(c, 1), mod.init_state(c, 2)
+    axes = jax.tree.map(
+        lambda a, b: ([i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n] or [-1])[0],
+        one,
+        two,
+    )
+    _, state = mod.apply({"params": params}, x, two)
+    _, flipped = mod.apply({"params": params}, x[::-1], two)
+    for leaf, ref, ax in zip(*(jax.tree.leaves(t) for t in (state, flipped, axes)), strict=True):
+        want = leaf if ax < 0 else jnp.flip(leaf, axis=ax)
+        np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-6)

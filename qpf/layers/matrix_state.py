@@ -14,8 +14,9 @@ final LN) whose layers are
 
 Decoding state (``MatrixStateBackbone.init_state``), a dict:
   'matrix': ``[Lm, B, H, 2, Dh, Dh]`` float32 memories of the Lm matrix layers;
-  'attention': {'keys', 'values'} ``[La, B·H, 2W, 2·Dh]`` caches of the La attention layers
-    (absent when there are none);
+  'attention': {'keys', 'values'} ``[La, B, H, 2W, 2·Dh]`` caches of the La attention
+    layers (absent when there are none); the row axis is separate from the heads so that
+    beam search and row gathers (``qpf.generation.core.take_rows``) find it;
   'pos': int32 scalar, steps this backbone has consumed (positions of the attention keys).
 """
 
@@ -105,7 +106,7 @@ class LocalAttentionLayer(PhaseModule):
     Query t sees keys t−W+1 .. t (W = ``local_attention_window``). Each head's complex
     q, k, v ``[2, Dh]`` are flattened to real ``[2·Dh]`` ([re, im]), so the score is
     Re(q^H k)/sqrt(2·Dh): phase-aligned keys score high. ``cache`` holds the keys and
-    values of the previous 2W positions ``[B·H, 2W, 2·Dh]`` (None: nothing before
+    values of the previous 2W positions ``[B, H, 2W, 2·Dh]`` (None: nothing before
     ``start``), ``start`` the absolute position of x's first step.
 
     x ``[B, T, 2, d]`` -> (y ``[B, T, 2, d]``, new cache, same dtypes as ``cache``).
@@ -130,7 +131,11 @@ class LocalAttentionLayer(PhaseModule):
             return jnp.moveaxis(z, 2, 1).reshape(b * h, t, 2 * dh)
 
         q, k, v = flat("query"), flat("key"), flat("value")
-        history = None if cache is None else (cache["keys"], cache["values"])
+        history = None
+        if cache is not None:  # [B, H, 2W, 2·Dh] -> [B·H, 2W, 2·Dh]
+            history = tuple(
+                cache[n].reshape(b * h, *cache[n].shape[2:]) for n in ("keys", "values")
+            )
         out, (keys, values) = windowed_attention(
             q, k, v, start, window=c.local_attention_window, rule="local", history=history
         )
@@ -140,7 +145,8 @@ class LocalAttentionLayer(PhaseModule):
             y, deterministic=deterministic
         )
         dt = k.dtype if cache is None else cache["keys"].dtype
-        return y, {"keys": keys.astype(dt), "values": values.astype(dt)}
+        new = {"keys": keys, "values": values}
+        return y, {n: a.reshape(b, h, *a.shape[1:]).astype(dt) for n, a in new.items()}
 
 
 @BACKBONES.register("phase_matrix")
@@ -166,7 +172,7 @@ class MatrixStateBackbone(PhaseModule):
             "pos": jnp.zeros((), jnp.int32),
         }
         if n_att:
-            shape = (n_att, batch * h, 2 * cfg.local_attention_window, 2 * dh)
+            shape = (n_att, batch, h, 2 * cfg.local_attention_window, 2 * dh)
             zeros = jnp.zeros(shape, dtype)
             state["attention"] = {"keys": zeros, "values": zeros}
         return state
