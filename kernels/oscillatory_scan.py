@@ -66,7 +66,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec
 
-from qpf.training.distributed import DATA_AXIS
+from qpf.ops.sharding import DATA_AXIS
 
 Array = jax.Array
 F32 = jnp.float32

@@ -283,6 +283,72 @@ class BackboneConfig:
         return self.ssm == "v4" and self.selectivity == "v4"
 
 
+MATRIX_STATE_FORMS = ("chunked", "recurrent")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixStateConfig:
+    """Matrix-state phase-associative backbone (``qpf.layers.matrix_state``, issue 10).
+
+    Per layer and head: S_t = γ_t·S_{t-1} + v_t k_t^H, y_t = S_t q_t with complex q, k, v of
+    ``head_dim`` and γ_t = exp(−softplus(W·[Re x, Im x] + b)), b = ``gate_bias_init``
+    (−4: γ ≈ 0.982, a memory of ~50 steps at init). ``form`` 'chunked' trains with the
+    chunked parallel form (chunks of ``chunk_size``; single-step calls use the recurrence),
+    'recurrent' always scans step by step (``unroll``). ``qk_norm`` scales q and k to unit
+    complex norm per head, so |k^H q| <= 1 and the read is bounded by Σγ^n·|v|.
+
+    ``local_attention_every`` = k > 0 makes every k-th layer (layers k-1, 2k-1, ...) a
+    windowed causal attention layer (Griffin-style hybrid) over the last
+    ``local_attention_window`` positions (self included), with ``num_heads`` heads of
+    ``head_dim``; 0 disables it.
+    """
+
+    type: Literal["phase_matrix"] = "phase_matrix"
+    num_heads: int = 4
+    head_dim: int = 32
+    num_layers: int = 8
+    chunk_size: int = 64
+    form: str = "chunked"
+    gate_bias_init: float = -4.0
+    qk_norm: bool = True
+    layer_scale_init: float = 0.1
+    dropout: float = 0.1
+    unroll: int = 1
+    remat: bool = False
+    local_attention_every: int = 0
+    local_attention_window: int = 64
+
+    def __post_init__(self) -> None:
+        one_of(self, "type", ("phase_matrix",))
+        positive_int(self, "num_heads", "head_dim", "num_layers", "chunk_size", "unroll")
+        positive_int(self, "local_attention_window")
+        nonnegative_int(self, "local_attention_every")
+        one_of(self, "form", MATRIX_STATE_FORMS)
+        for f in ("gate_bias_init", "layer_scale_init"):
+            v = getattr(self, f)
+            require(isinstance(v, int | float) and not isinstance(v, bool), self, f, "a number")
+        require(isinstance(self.qk_norm, bool), self, "qk_norm", "a bool")
+        require(isinstance(self.remat, bool), self, "remat", "a bool")
+        rate(self, "dropout")
+        require(
+            self.local_attention_every <= self.num_layers,
+            self,
+            "local_attention_every",
+            f"0 (off) or 1..num_layers = {self.num_layers} (else no layer would be attention)",
+        )
+
+    def is_attention_layer(self, i: int) -> bool:
+        """Whether layer ``i`` is a local-attention layer (every k-th: k-1, 2k-1, ...)."""
+        k = self.local_attention_every
+        return k > 0 and (i + 1) % k == 0
+
+
+BackboneConfigs = BackboneConfig | MatrixStateConfig
+BACKBONE_CONFIGS: dict[str, type] = {
+    c.__dataclass_fields__["type"].default: c for c in get_args(BackboneConfigs)
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
     """Phase-associative memory (spec §9): top-k cosine read over learned complex slots.
@@ -381,7 +447,7 @@ class ModelConfig:
     input_mode: str = "token"
     banks: tuple[BankConfig, ...] = (SemanticBankConfig(),)
     coupler: CouplerConfig = CouplerConfig()
-    backbone: BackboneConfig = BackboneConfig()
+    backbone: BackboneConfigs = BackboneConfig()
     memory: MemoryConfig | None = MemoryConfig()
     episodic: EpisodicConfig | None = EpisodicConfig()
     byte_patch: BytePatchConfig = BytePatchConfig()
@@ -401,6 +467,12 @@ class ModelConfig:
         require(len(set(names)) == len(names), self, "banks", "distinct bank types")
         for b in self.banks:
             require(type(b) in BANK_CONFIGS.values(), self, "banks", "registered bank configs")
+        require(
+            type(self.backbone) in BACKBONE_CONFIGS.values(),
+            self,
+            "backbone",
+            f"a backbone config of type {', '.join(BACKBONE_CONFIGS)}",
+        )
         if self.input_mode == "byte_patch":
             require(self.vocab_size >= 259, self, "vocab_size", ">= 259 in byte_patch mode")
 

@@ -101,6 +101,27 @@ TEST_V5_PRESET = Preset(
 )
 
 
+# The matrix-state backbone (issue 10) on the test preset's other stages: chunks of 5 so
+# the family tests' 16-step passes end mid-chunk, and a Griffin-style hybrid (matrix,
+# matrix, local attention of window 4) whose decoding runs past the window.
+TEST_MATRIX_PRESETS = {
+    f"test-{name}": Preset(
+        name=f"test-{name}",
+        model=TEST_PRESET.model.replace(
+            backbone=cfgs.MatrixStateConfig(
+                num_heads=2, head_dim=3, num_layers=layers, chunk_size=5, **extra
+            )
+        ),
+        batch_size=4,
+        learning_rate=1e-2,
+    )
+    for name, layers, extra in (
+        ("matrix", 2, {}),
+        ("matrix-hybrid", 3, {"local_attention_every": 3, "local_attention_window": 4}),
+    )
+}
+
+
 def get_preset(name: str) -> Preset:
     """The preset called ``name``; an unknown name lists the valid ones."""
     if name not in PRESETS:
@@ -113,7 +134,7 @@ QPF_FAMILY = ModelFamily(
     config_cls=cfgs.ModelConfig,
     build=lambda config: QPFModel(config=config),
     init_state=lambda config, batch_size, max_len: init_state(config, batch_size),
-    presets={**PRESETS, "test": TEST_PRESET, "test-v5": TEST_V5_PRESET},
+    presets={**PRESETS, "test": TEST_PRESET, "test-v5": TEST_V5_PRESET, **TEST_MATRIX_PRESETS},
     exempt={
         "bf16": "bfloat16 compute moves logits by up to ~1x their spread at the test "
         "preset (measured max 0.98, mean 0.07 of the spread: memory top-k near-ties flip "

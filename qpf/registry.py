@@ -3,9 +3,8 @@
 A component is registered under the ``type`` name of its config dataclass (``qpf.config``).
 Each registry lives beside its components and lists them in one table, so using a registry
 imports what fills it (no import side effects): ``BANKS`` in ``qpf.layers.banks``,
-``COUPLERS`` in ``qpf.layers.coupler``, ``MEMORIES`` in ``qpf.layers.memory``, the model
-families in ``qpf.zoo``. ``BACKBONES`` is defined here and filled by the decorator on the
-backbone class in ``qpf.layers.ssm`` (the module that the model imports for it).
+``COUPLERS`` in ``qpf.layers.coupler``, ``MEMORIES`` in ``qpf.layers.memory``, ``BACKBONES``
+in ``qpf.layers.backbones``, the model families in ``qpf.zoo``.
 """
 
 from __future__ import annotations
@@ -52,6 +51,3 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
-
-
-BACKBONES: Registry = Registry("backbone")

@@ -307,11 +307,11 @@ def test_every_config_type_has_its_registered_component():
     import typing
 
     from qpf import config as cfgs
+    from qpf.layers.backbones import BACKBONES
     from qpf.layers.banks import BANKS
     from qpf.layers.coupler import COUPLERS
     from qpf.layers.memory import MEMORIES
     from qpf.layers.ssm import OscillatorySSM
-    from qpf.registry import BACKBONES
 
     def types(cls: type) -> set[str]:
         return set(typing.get_args(typing.get_type_hints(cls, vars(cfgs))["type"]))
@@ -319,7 +319,7 @@ def test_every_config_type_has_its_registered_component():
     assert set(BANKS.names()) == set(cfgs.BANK_CONFIGS)
     assert set(COUPLERS.names()) == types(cfgs.CouplerConfig)
     assert set(MEMORIES.names()) == types(cfgs.MemoryConfig)
-    assert set(BACKBONES.names()) == types(cfgs.BackboneConfig)
+    assert set(BACKBONES.names()) == set(cfgs.BACKBONE_CONFIGS)
     assert BACKBONES.get("oscillatory_ssm") is OscillatorySSM
 
 

@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from qpf.diagnostics import model_stats
 from qpf.diagnostics.philosophy import bank_summary, philosophy_metrics
+from qpf.layers.matrix_state import memories_as_planes
 from qpf.ops.losses import head_logits
 
 Array = jax.Array
@@ -83,8 +84,7 @@ def step_metrics(
     metrics = philosophy_metrics(
         logits=logits,
         mask=mask[:, ::stride],
-        # With the causal convolution on, the backbone state is {"h": ..., "conv": ...}.
-        ssm_state=_ssm_h(state.get("backbone")),
+        ssm_state=_ssm_planes(state.get("backbone")),
         banks=banks or None,
         prev_bank_summary=prev,
         memory_read=read,
@@ -95,6 +95,15 @@ def step_metrics(
     if banks:
         summary = bank_summary([banks[n] for n in sorted(banks)], _mask_for(banks, mask))
     return metrics, summary
+
+
+def _ssm_planes(state: Any) -> Array | None:
+    """The backbone state as ``[L, B, 2, N]``: the SSM's as is (its ``h`` when the causal
+    convolution makes it a dict); a matrix-state backbone's as its memories flattened per
+    layer (None when it has no matrix layer)."""
+    if isinstance(state, dict):
+        return state["h"] if "h" in state else memories_as_planes(state)
+    return state
 
 
 def _mask_for(banks: dict[str, Array], mask: Array) -> Array | None:
@@ -113,10 +122,3 @@ def norm_metrics(grads: Any, old_params: Any, new_params: Any) -> dict[str, Arra
     ratios = model_stats.update_ratios(old_params, new_params)
     out.update({f"update_ratio/{k}": v for k, v in ratios.items()})
     return out
-
-
-def _ssm_h(backbone_state: Any) -> Any:
-    """The SSM hidden states ``[L, B, 2, N]`` of a backbone decoding state (or None)."""
-    if isinstance(backbone_state, dict):
-        return backbone_state.get("h")
-    return backbone_state

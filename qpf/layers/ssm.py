@@ -28,7 +28,6 @@ from qpf.layers.core import Phase2DLinear, PhaseModule, scaled_normal
 from qpf.ops import lru
 from qpf.ops import phase2d as p2d
 from qpf.ops.scan import linear_scan, oscillatory_scan
-from qpf.registry import BACKBONES
 
 Array = jax.Array
 # A layer's decoding state: h ``[B, 2, N]``, or {"h": h, "conv": tail ``[B, w-1, 2, d]``}
@@ -144,7 +143,6 @@ class OscillatorySSMLayer(PhaseModule):
         return y, h_last
 
 
-@BACKBONES.register("oscillatory_ssm")
 class OscillatorySSM(PhaseModule):
     """Stack of ``num_layers`` SSM layers, then a final norm.
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qpf import config as cfgs
+from qpf.layers.backbones import BACKBONES
 from qpf.layers.banks import BANKS
 from qpf.layers.core import Phase2DEmbed, Phase2DLayerNorm, Phase2DLinear, complex_table, dense
 from qpf.layers.coupler import COUPLERS, coupling_loss
@@ -27,10 +28,8 @@ from qpf.layers.embeddings import (
 )
 from qpf.layers.head import LMHead
 from qpf.layers.memory import MEMORIES, EpisodicMemory
-from qpf.layers.ssm import OscillatorySSM
 from qpf.models.contract import DTYPES, ModelOutput, State, applies_matmul_precision
 from qpf.ops import phase2d as p2d
-from qpf.registry import BACKBONES
 
 Array = jax.Array
 
@@ -39,9 +38,10 @@ def init_state(config: cfgs.ModelConfig, batch_size: int) -> State:
     """The zero decoding state for ``batch_size`` rows at position 0.
 
     pos: tokens consumed so far (bytes in byte_patch mode); banks: per stateful bank;
-    backbone: ``[L, B, 2, N]`` float32 (a dict with the causal convolution's tails when
-    ``backbone.conv_width`` > 0, see ``OscillatorySSM``); episodic: last 2W keys/values;
-    byte: the last P bytes and the context of the current patch.
+    backbone: its ``init_state`` (oscillatory SSM: ``[L, B, 2, N]`` float32, a dict with the
+    causal convolution's tails when ``backbone.conv_width`` > 0; matrix-state: its memories
+    and attention caches); episodic: last 2W keys/values; byte: the last P bytes and the
+    context of the current patch.
     """
     dt = DTYPES[config.dtype]
     state: State = {
@@ -51,7 +51,7 @@ def init_state(config: cfgs.ModelConfig, batch_size: int) -> State:
             for b in config.banks
             if hasattr(BANKS.get(b.type), "init_state")
         },
-        "backbone": OscillatorySSM.init_state(
+        "backbone": BACKBONES.get(config.backbone.type).init_state(
             config.backbone, batch_size, p2d.acc_dtype(dt), config.dim
         ),
     }

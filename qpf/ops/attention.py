@@ -8,6 +8,7 @@ the two agree exactly. Which keys a query may see is a rule on absolute position
 
 * ``chunked``: k in [window·(q//window - 1), q) — the original v4 rule for T > 128.
 * ``sliding``: k in [q - window, q).
+* ``local``:   k in (q - window, q] (self included): the hybrid backbone's local attention.
 * ``causal``:  k in [0, q] (self included): the original's rule for T <= 128, only valid
   when the whole sequence fits in the history span (T <= 2·window).
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from qpf.ops import phase2d as p2d
 
 Array = jax.Array
-Rule = Literal["chunked", "sliding", "causal"]
+Rule = Literal["chunked", "sliding", "causal", "local"]
 
 
 def visible(q_pos: Array, k_pos: Array, window: int, rule: Rule) -> Array:
@@ -33,10 +34,12 @@ def visible(q_pos: Array, k_pos: Array, window: int, rule: Rule) -> Array:
         ok = (k_pos < q_pos) & (k_pos >= window * (q_pos // window - 1))
     elif rule == "sliding":
         ok = (k_pos < q_pos) & (k_pos >= q_pos - window)
+    elif rule == "local":
+        ok = (k_pos <= q_pos) & (k_pos > q_pos - window)
     elif rule == "causal":
         ok = k_pos <= q_pos
     else:
-        raise ValueError(f"unknown attention rule {rule!r}; use chunked, sliding or causal")
+        raise ValueError(f"unknown attention rule {rule!r}; use chunked, sliding, causal or local")
     return ok & (k_pos >= 0)
 
 
@@ -71,7 +74,7 @@ def windowed_attention(
       q, k, v: ``[B, T, D]`` for positions start .. start+T-1.
       start: absolute position of the first query (int or traced int32 scalar).
       window: the window W; the history spans H = 2W positions.
-      rule: 'chunked', 'sliding' or 'causal' (see module docstring).
+      rule: 'chunked', 'sliding', 'causal' or 'local' (see module docstring).
       history: (keys, values) ``[B, H, D]`` of positions start-H .. start-1 (entries at
         negative positions are ignored); zeros if None.
 

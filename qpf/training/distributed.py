@@ -20,8 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qpf.config import ConfigError
-
-DATA_AXIS = "data"
+from qpf.ops.sharding import DATA_AXIS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
