@@ -59,6 +59,7 @@ from qpf.models.family import ModelFamily, resolve_model
 from qpf.models.param_count import count_by_component, family_param_count, param_shapes
 from qpf.training.checkpoint import RunCheckpoints
 from qpf.training.config import RunConfig, fit_model_to_tokenizer
+from qpf.training.trainer import TrainingDiverged
 
 DEFAULT_GRID = "v4-to-v5"
 DEFAULT_TOKENS = 300_000
@@ -587,6 +588,48 @@ def plan_table(resolved: Sequence[Resolved], target: int) -> str:
     return "\n".join(lines)
 
 
+def _write_outputs(
+    out: Path,
+    grid: Grid,
+    args: argparse.Namespace,
+    sched: equal_budget.Schedule,
+    names: list[str],
+    rows: list[dict[str, Any]],
+    trained: list[str],
+    skipped: list[str],
+    wall_s: float,
+) -> dict[str, Any]:
+    """results.json, results.md and curves.png from the rows so far (rewritten after every
+    variant, so an interrupted grid still has its table)."""
+    results = {
+        "environment": equal_budget.environment(),
+        "config": {
+            "grid": grid.name,
+            "data": args.data,
+            "tokenizer": args.tokenizer,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "steps": sched.steps,
+            "tokens": sched.steps * sched.tokens_per_step,
+            "eval_every_steps": sched.eval_every,
+            "eval_batches": args.eval_batches,
+            "seed": args.seed,
+            "lr": args.lr,
+            "reference": names[0],
+            "tolerance": grid.tolerance,
+        },
+        "wall_s": wall_s,
+        "trained": trained,
+        "skipped": skipped,
+        "variants": [{k: v for k, v in row.items() if k != "run_config"} for row in rows],
+    }
+    if rows:
+        _write_json(out / "results.json", results)
+        (out / "results.md").write_text(markdown(results) + "\n", encoding="utf-8")
+        equal_budget.plot_curves(results["variants"], out / "curves.png", label="variant")
+    return results
+
+
 def run(args: argparse.Namespace, grids: Mapping[str, Grid] = GRIDS) -> dict[str, Any]:
     """Resolve the grid, train what has no result yet, write the table; the results."""
     if args.grid not in grids:
@@ -648,6 +691,17 @@ def run(args: argparse.Namespace, grids: Mapping[str, Grid] = GRIDS) -> dict[str
             )
             _write_json(path, record)
             trained.append(name)
+            _write_outputs(
+                out,
+                grid,
+                args,
+                sched,
+                names,
+                [*rows, record],
+                trained,
+                skipped,
+                time.perf_counter() - t0,
+            )
             print(
                 f"{name}: val loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.3f}  "
                 f"bpb {record['val_bpb']:.4f}  ({record['wall_s']:.0f} s)",
@@ -657,33 +711,9 @@ def run(args: argparse.Namespace, grids: Mapping[str, Grid] = GRIDS) -> dict[str
             skipped.append(name)
         if record is not None:
             rows.append(record)
-    results = {
-        "environment": equal_budget.environment(),
-        "config": {
-            "grid": grid.name,
-            "data": args.data,
-            "tokenizer": args.tokenizer,
-            "seq_len": args.seq_len,
-            "batch_size": args.batch_size,
-            "steps": sched.steps,
-            "tokens": sched.steps * sched.tokens_per_step,
-            "eval_every_steps": sched.eval_every,
-            "eval_batches": args.eval_batches,
-            "seed": args.seed,
-            "lr": args.lr,
-            "reference": names[0],
-            "tolerance": grid.tolerance,
-        },
-        "wall_s": time.perf_counter() - t0,
-        "trained": trained,
-        "skipped": skipped,
-        "variants": [{k: v for k, v in row.items() if k != "run_config"} for row in rows],
-    }
-    if rows:
-        _write_json(out / "results.json", results)
-        (out / "results.md").write_text(markdown(results) + "\n", encoding="utf-8")
-        equal_budget.plot_curves(results["variants"], out / "curves.png", label="variant")
-    return results
+    return _write_outputs(
+        out, grid, args, sched, names, rows, trained, skipped, time.perf_counter() - t0
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -693,7 +723,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print(list_grids(GRIDS))
             return 0
-        results = run(args)
+        try:
+            results = run(args)
+        except TrainingDiverged as err:  # a user fault (the learning rate), not a bug
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         if args.plan:
             print(results["table"])
         elif results["variants"]:
