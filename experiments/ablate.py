@@ -20,9 +20,10 @@ before anything trains (an unknown path is an error naming it and the fields the
 
 Parameter counts are matched: every model is kept within ``Grid.tolerance`` (5%) of the
 reference variant's count (the grid's first) by a small search over one width field (the
-family's ``WIDTH_RULES``: qpf ``dim`` with ``backbone.state_dim = 2·dim`` as the v4 presets
-tie them, the baselines' ``dim``). A model already within the tolerance keeps its width;
-one that no width can match is an error naming the closest width and its count.
+family's ``WIDTH_RULES``: qpf ``dim``, with ``backbone.state_dim`` keeping its ratio to it
+(N = 2d in the v4 presets); the baselines' ``dim``). A model already within the tolerance
+keeps its width; one that no width can match is an error naming the closest width and its
+count.
 
 Outputs in ``--out``: ``runs/<variant>/`` (each run: config, metrics, checkpoints),
 ``results/<variant>.json`` (written when the variant finishes), ``results.json``,
@@ -173,16 +174,17 @@ def get_path(config: Any, path: str) -> Any:
 class WidthRule:
     """How a family's parameter count is matched: the width field, the multiple its value
     must be (a function of the config, e.g. twice the transformer's head count for even
-    rotary head widths) and fields tied to it (path -> ratio: set to round(ratio·width))."""
+    rotary head widths) and fields scaled with it (``ties``: each keeps its ratio to the
+    width in the config being matched, e.g. the v4 presets' SSM state of twice the width)."""
 
     field: str
     multiple: Callable[[Any], int] = lambda config: 1
-    ties: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    ties: tuple[str, ...] = ()
 
 
 WIDTH_RULES: dict[str, WidthRule] = {
-    # The v4 presets tie the SSM state to twice the model width.
-    "qpf": WidthRule("dim", ties={"backbone.state_dim": 2.0}),
+    # The v4 presets size the SSM state from the width (N = 2d); it scales along.
+    "qpf": WidthRule("dim", ties=("backbone.state_dim",)),
     "transformer": WidthRule("dim", multiple=lambda c: 2 * c.num_heads),
     "diagrnn": WidthRule("dim"),
 }
@@ -315,7 +317,8 @@ def _matched(
     if abs(p0 - target) <= tol * target:
         return config, p0
     m = rule.multiple(config)
-    ties = {path: r for path, r in rule.ties.items() if path not in explicit}
+    w0 = get_path(config, rule.field)
+    ties = {p: get_path(config, p) / w0 for p in rule.ties if p not in explicit}
 
     def at(k: int) -> tuple[Any, int]:
         w = k * m
@@ -333,7 +336,6 @@ def _matched(
             cache[k] = at(k)
         return cache[k][1]
 
-    w0 = get_path(config, rule.field)
     k = max(1, round(w0 / m))
     k_max = max(64, 64 * k)
     lo = hi = None  # largest k with count <= target, smallest with count >= target
@@ -637,15 +639,15 @@ def run(args: argparse.Namespace, grids: Mapping[str, Grid] = GRIDS) -> dict[str
     grid = grids[args.grid]
     data_dir = args.data_dir or os.environ.get("QPF_DATA_DIR")
     tokenizer = get_tokenizer(args.tokenizer, data_dir=data_dir)
-    resolved = resolve_grid(grid, tokenizer)
-    names = [r.variant.name for r in resolved]
+    names = [v.name for v in grid.all_variants()]
     only = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in only if n not in names]
-    if unknown:
+    if unknown:  # checked before the (slower) resolution
         raise ConfigError(
             f"--only {', '.join(unknown)}: not in grid {grid.name} (its variants: "
             f"{', '.join(names)})"
         )
+    resolved = resolve_grid(grid, tokenizer)
     if args.plan:
         return {"plan": resolved, "table": plan_table(resolved, resolved[0].params)}
     sched = equal_budget.Schedule.from_budget(
