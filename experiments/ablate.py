@@ -466,6 +466,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--lr", type=float, default=None, help="peak LR (default: each preset's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--jax-cache",
+        default=os.environ.get("QPF_JAX_CACHE_DIR", ".cache/jax"),
+        help="persistent XLA compilation cache ('off' disables; default $QPF_JAX_CACHE_DIR or "
+        ".cache/jax): variants that differ only in initial values reuse the compiled step",
+    )
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap.parse_args(argv)
 
@@ -718,6 +724,15 @@ def run(args: argparse.Namespace, grids: Mapping[str, Grid] = GRIDS) -> dict[str
     )
 
 
+def enable_compilation_cache(folder: str) -> None:
+    """Keep every compiled program in ``folder``: a grid compiles the same train step for
+    each variant whose changes touch only initial values (damping, layer scales)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         setup_logging()
@@ -725,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print(list_grids(GRIDS))
             return 0
+        if args.jax_cache != "off":
+            enable_compilation_cache(args.jax_cache)
         try:
             results = run(args)
         except TrainingDiverged as err:  # a user fault (the learning rate), not a bug
