@@ -393,7 +393,6 @@ def resolve_grid(
     """Every variant's final config (overrides applied, vocabulary fitted to the tokenizer,
     parameters matched). All validation happens here, before anything trains."""
     variants = _ordered(grid)
-    by_name: dict[str, Variant] = {}
     full: dict[str, dict[str, Any]] = {}
     models: dict[str, str] = {}
     resolved: list[Resolved] = []
@@ -404,7 +403,6 @@ def resolve_grid(
         models[v.name] = spec
         overrides = {**(full[v.parent] if v.parent else {}), **dict(v.overrides)}
         full[v.name] = overrides
-        by_name[v.name] = v
         try:
             family, preset = resolve_model(spec)
             config = apply_overrides(preset.model, overrides)
