@@ -26,28 +26,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
-import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import jax
-
+from experiments import equal_budget
 from experiments.model_set import overrides_for, parse_models, parse_overrides
 from qpf.config import ConfigError
-from qpf.data import DataConfig, MissingDataError
+from qpf.data import MissingDataError
 from qpf.run_report import write_report
-from qpf.training.config import RunConfig, TrainConfig
-from qpf.training.metrics import read_metrics
-from qpf.training.objectives import LossConfig
-from qpf.training.optim import OptimConfig
-from qpf.training.trainer import Trainer, TrainingDiverged, peak_lr
+from qpf.training.trainer import TrainingDiverged
 
 # The byte presets are parameter-matched (about 0.7M each) for the default byte tokenizer;
 # the BPE "tiny" presets would shrink to very different sizes with a 259-token vocabulary.
@@ -86,121 +77,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @dataclasses.dataclass(frozen=True)
-class Schedule:
-    """The shared step schedule derived from the token budget."""
-
-    tokens_per_step: int
-    steps: int
-    eval_every: int
+class Schedule(equal_budget.Schedule):
+    """The shared step schedule derived from the token budget (``--tokens`` and friends)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Schedule:
-        per_step = args.batch_size * args.seq_len
-        steps = args.tokens // per_step
-        if steps < 1:
-            raise ConfigError(
-                f"--tokens {args.tokens} is less than one step "
-                f"({args.batch_size} x {args.seq_len} = {per_step} tokens)"
-            )
-        every_tokens = args.eval_every_tokens or args.tokens // 5
-        return cls(per_step, steps, max(1, min(steps, every_tokens // per_step)))
+        return cls.from_budget(args.tokens, args.batch_size, args.seq_len, args.eval_every_tokens)
 
 
 def run_config(spec: str, preset: Any, args: argparse.Namespace, sched: Schedule, overrides):
     """One model's RunConfig; everything but the model is identical across models."""
-    data = DataConfig(
+    data, train = equal_budget.shared_sections(
         corpus=args.dataset,
         tokenizer=args.tokenizer,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         seed=args.seed,
         data_dir=args.data_dir,
-    )
-    train = TrainConfig(
-        steps=sched.steps,
-        eval_every=sched.eval_every,
+        sched=sched,
         eval_batches=args.eval_batches,
-        save_every=0,  # only the final checkpoint: saving is not what is being compared
-        log_every=max(1, sched.steps // 50),
-        seed=args.seed,
-        sample_tokens=0,
-        tensorboard=False,
-        progress=False,
     )
-    run = RunConfig(spec, preset.model, data, OptimConfig(lr=args.lr), LossConfig(), train)
-    run = run.with_overrides(overrides)
-    for section, value in (("data", data), ("train", train)):
-        # The comparison is only fair when these stay shared; their flags set them.
-        if getattr(run, section) != value:
-            raise ConfigError(
-                f"--set {section}.*: data and train settings must be equal for all models; "
-                "use --seq-len, --batch-size, --tokens, --eval-every-tokens, --dataset instead"
-            )
-    return run
+    return equal_budget.make_run(spec, preset.model, data, train, args.lr, overrides)
 
 
-def train_one(spec: str, run: RunConfig, run_dir: Path, sched: Schedule) -> dict[str, Any]:
-    """Train one model; returns its final metrics, curves and timings."""
-    t0 = time.perf_counter()
-    trainer = Trainer(run, run_dir)
-    try:
-        setup_s = time.perf_counter() - t0
-        initial = trainer.evaluate(trainer.state.params)
-        if trainer.logger:
-            trainer.logger.log(0, initial)
-        t1 = time.perf_counter()
-        result = trainer.run()
-        train_s = time.perf_counter() - t1
-    finally:
-        trainer.close()
-    params = sum(int(x.size) for x in jax.tree.leaves(result.params))
-    records = read_metrics(run_dir)
-    val_curve = [
-        {"step": r["step"], "tokens": r["step"] * sched.tokens_per_step, "val_loss": r["val/loss"]}
-        for r in records
-        if "val/loss" in r
-    ]
-    train_curve = [
-        {
-            "step": r["step"],
-            "tokens": r["step"] * sched.tokens_per_step,
-            "train_loss": r["train/loss"],
-        }
-        for r in records
-        if "train/loss" in r
-    ]
-    vocab = trainer.config.model_config.vocab_size
-    return {
-        "model": spec,
-        "params": params,
-        "vocab_size": vocab,
-        "lr": peak_lr(trainer.config),
-        "steps": result.step,
-        "tokens": result.step * sched.tokens_per_step,
-        "val_loss": result.val["val/loss"],
-        "val_ppl": result.val["val/ppl"],
-        "val_bpb": result.val["val/bpb"],
-        "initial_val_loss": initial["val/loss"],
-        "ln_vocab": math.log(vocab),
-        "val_curve": val_curve,
-        "train_curve": train_curve,
-        "setup_s": setup_s,
-        "train_s": train_s,
-        "train_tokens_per_s": result.step * sched.tokens_per_step / train_s,
-        "run_dir": str(run_dir),
-    }
-
-
-def environment() -> dict[str, Any]:
-    """Where and when the comparison ran (for the results header)."""
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": jax.devices()[0].device_kind,
-        "platform": jax.devices()[0].platform,
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "python": platform.python_version(),
-    }
+train_one = equal_budget.train_one
+environment = equal_budget.environment
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -241,33 +142,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Validation and train loss against tokens seen, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; write files only
-    import matplotlib.pyplot as plt
-
-    fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(11, 4))
-    for m in results["models"]:
-        ax_val.plot(
-            [p["tokens"] for p in m["val_curve"]],
-            [p["val_loss"] for p in m["val_curve"]],
-            marker="o",
-            label=m["model"],
-        )
-        ax_train.plot(
-            [p["tokens"] for p in m["train_curve"]],
-            [p["train_loss"] for p in m["train_curve"]],
-            label=m["model"],
-        )
-    for ax, title in ((ax_val, "validation loss"), (ax_train, "train loss")):
-        ax.set_xlabel("tokens seen")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    equal_budget.plot_curves(results["models"], path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
