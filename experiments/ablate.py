@@ -54,7 +54,7 @@ from typing import Any
 
 from experiments import equal_budget
 from experiments.cli import run_main, setup_logging
-from qpf.config import ConfigError
+from qpf.config import ConfigError, MatrixStateConfig
 from qpf.data.tokenizers import get_tokenizer
 from qpf.models.family import ModelFamily
 from qpf.models.param_count import count_by_component, family_param_count, param_shapes
@@ -248,6 +248,26 @@ GRIDS: dict[str, Grid] = {
                 Variant("no-memory", "layer-scale-1", overrides={"memory": None}),
                 Variant("no-episodic", "no-memory", overrides={"episodic": None}),
                 Variant("no-banks", "no-episodic", overrides={"banks": ()}),
+                # The v5 options (issue 10), one at a time on top of the plain stack.
+                Variant("lru", "no-banks", overrides={"backbone.ssm": "lru"}),
+                Variant("rglru", "lru", overrides={"backbone.selectivity": "rglru"}),
+                Variant("rms-norm", "rglru", overrides={"backbone.norm": "rms"}),
+                Variant("modswish", "rms-norm", overrides={"backbone.activation": "modswish"}),
+                Variant(
+                    "glu-mixer", "modswish", overrides={"backbone.channel_mixer": "complex_glu"}
+                ),
+                Variant("conv4", "glu-mixer", overrides={"backbone.conv_width": 4}),
+                Variant("griffin", "conv4", overrides={"backbone.block": "griffin"}),
+                Variant("orthogonal", "griffin", overrides={"backbone.init": "orthogonal"}),
+                # The matrix-state phase-associative mixer in place of the SSM stack.
+                Variant(
+                    "matrix",
+                    "no-banks",
+                    overrides={
+                        "backbone": MatrixStateConfig(num_heads=4, head_dim=16, num_layers=4)
+                    },
+                    width=WidthRule("dim"),  # the matrix state has no state_dim to scale
+                ),
             ),
         ),
     )
