@@ -526,7 +526,10 @@ def _prior_result(path: Path, run: RunConfig, name: str) -> dict[str, Any] | Non
     if not path.exists():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("run_config") != _comparable(run):
+    stored = record.get("run_config")
+    if stored is not None:  # fields added since it was written take their defaults
+        stored = _comparable(RunConfig.from_dict(stored))
+    if stored != _comparable(run):
         raise ConfigError(
             f"{path} holds variant {name!r} trained with another setup (token budget, data, "
             "or model config): choose a new --out, or remove that file and its run folder"
