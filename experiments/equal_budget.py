@@ -235,3 +235,21 @@ def plot_curves(models: Sequence[Mapping[str, Any]], path: Path, label: str = "m
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def budget_record(args: Any, sched: Any) -> dict[str, Any]:
+    """The shared budget settings of an equal-token run, as its results JSON records them.
+
+    args: the CLI namespace (seq_len, batch_size, eval_batches, seed, lr); sched: the step
+    schedule (steps, tokens_per_step, eval_every).
+    """
+    return {
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "steps": sched.steps,
+        "tokens": sched.steps * sched.tokens_per_step,
+        "eval_every_steps": sched.eval_every,
+        "eval_batches": args.eval_batches,
+        "seed": args.seed,
+        "lr": args.lr,
+    }

@@ -233,6 +233,13 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, data_dir):
     assert again["resumed_from_step"] == 5
     assert again["val_loss"] == pytest.approx(rows["no-dropout"]["val_loss"], rel=1e-6)
 
+    # A result written before a config field existed counts as having its default value.
+    path = out / "results" / "base.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    del record["run_config"]["model_config"]["matmul_precision"]
+    path.write_text(json.dumps(record), encoding="utf-8")
+    assert ablate.run(tiny_args(out, data_dir), grids)["trained"] == []
+
     # Another setup in the same --out is refused, not mixed.
     with pytest.raises(ConfigError, match="trained with another setup"):
         ablate.run(tiny_args(out, data_dir, "--seed", "1"), grids)
