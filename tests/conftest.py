@@ -11,6 +11,7 @@ import contextlib
 import glob
 import os
 from pathlib import Path
+from typing import Any
 
 # Small test shapes spend most of their time in XLA's CPU compiler; its lowest optimisation
 # level halves the suite's wall time. Set XLA_FLAGS yourself to override.
@@ -34,44 +35,52 @@ if _cache_dir != "off":
 
 # ------------------------------------------------------------------ scheduling
 #
-# The README's command runs ``-n 2 --dist loadgroup --no-loadscope-reorder``: xdist hands
-# each worker whole groups, in collection order, as it runs dry. A group is a test file (its
-# module-level compiled models are built once), except the family-generic tests, which form
-# one group per model case so the cases spread over both workers. Groups are sent most
-# expensive first (the longest-processing-time rule), so no worker starts a long group last.
-
-# Measured wall time order of the heaviest groups (``--durations``; 2 cores, cold compile
-# cache): files not listed follow in collection order.
-HEAVY_FIRST = ()
+# The README's command runs ``-n 2 --dist loadscope --no-loadscope-reorder``: xdist hands
+# each worker whole scopes, in collection order, as it runs dry. Here a scope is a test file
+# (its module-level compiled models are built once per worker), except the family-generic
+# tests, which form one scope per model case so the cases spread over both workers. Scopes
+# are collected most expensive first (the longest-processing-time rule), so no worker
+# starts a long scope last. (xdist's own ``loadgroup`` marks cannot do this under pytest
+# 9.2, whose node ids no longer read the ``_nodeid`` that xdist rewrites.)
 
 FAMILY_TESTS = "test_families.py"
 
+# The heaviest files, by measured wall time (``--durations``, 2 cores, cold compile cache),
+# heaviest first; the family cases follow them, then every other file in collection order.
+HEAVY_FIRST: tuple[str, ...] = ()
 
-def schedule_group(item: pytest.Item) -> str:
-    """The xdist group of ``item``: its file, or ``test_families.py::<spec>`` for a case."""
-    path = item.nodeid.split("::", 1)[0]
-    spec = getattr(item, "callspec", None) and item.callspec.params.get("spec")
-    if path.endswith(FAMILY_TESTS) and spec:
-        return f"{path}::{spec}"
+
+def schedule_scope(nodeid: str) -> str:
+    """The scope of a test: its file, or ``<file>::<spec>`` for a family-generic case."""
+    path, _, rest = nodeid.partition("::")
+    if path.endswith(FAMILY_TESTS) and rest.endswith("]") and "[" in rest:
+        return f"{path}::{rest[rest.index('[') + 1 : -1]}"
     return path
 
 
-def _weight(group: str) -> tuple[int, int]:
-    name = group.rsplit("/", 1)[-1]
-    for rank, heavy in enumerate(HEAVY_FIRST):
-        if name == heavy or name.startswith(f"{heavy}::"):
-            return (0, rank)
-    if name.startswith(f"{FAMILY_TESTS}::"):
-        return (1, 0)  # each family case trains twice (resume, leak): heavier than most files
-    return (2, 0)
+def _weight(scope: str) -> tuple[int, int]:
+    name = scope.rsplit("/", 1)[-1]
+    if name in HEAVY_FIRST:
+        return (0, HEAVY_FIRST.index(name))
+    return (1, 0) if name.startswith(f"{FAMILY_TESTS}::") else (2, 0)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    groups = {id(item): schedule_group(item) for item in items}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[id(item)]))
-    items.sort(key=lambda item: _weight(groups[id(item)]))  # stable: file order kept within
+    items.sort(key=lambda item: _weight(schedule_scope(item.nodeid)))  # stable within a scope
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``--dist loadscope``, xdist's scope scheduler with ``schedule_scope``'s scopes."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FamilyCaseScopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return schedule_scope(nodeid)
+
+    return FamilyCaseScopes(config, log)
 
 
 def shared_dir_or_none() -> Path | None:
