@@ -71,6 +71,44 @@ class ModelOutput:
     head_weight: Array | None = None
 
 
+def cache_length(config: Any, max_len: int | None) -> int:
+    """Slots S of a decoding cache: ``max_len``, or ``config.max_len`` when None.
+
+    Raises ``ValueError`` (a ``ConfigError``'s base) unless S >= 1.
+    """
+    length = config.max_len if max_len is None else max_len
+    if length < 1:
+        raise ValueError(f"init_state: max_len must be >= 1, got {length}")
+    return length
+
+
+def kv_cache_state(
+    config: Any,
+    batch_size: int,
+    max_len: int | None,
+    key_shape: tuple[int, ...],
+    value_shape: tuple[int, ...] | None = None,
+    dtype: Any = None,
+    value_dtype: Any = None,
+) -> State:
+    """An empty KV cache at position 0 for ``config.num_layers`` layers.
+
+    Returns ``{"pos": 0, "k": [L, B, S, *key_shape], "v": [L, B, S, *value_shape]}`` of
+    zeros, S = ``cache_length(config, max_len)``. ``value_shape`` defaults to
+    ``key_shape``; ``dtype`` (keys) to the compute dtype ``DTYPES[config.dtype]`` and
+    ``value_dtype`` to ``dtype``.
+    """
+    dtype = DTYPES[config.dtype] if dtype is None else dtype
+    value_dtype = dtype if value_dtype is None else value_dtype
+    lead = (config.num_layers, batch_size, cache_length(config, max_len))
+    value_shape = key_shape if value_shape is None else value_shape
+    return {
+        "pos": jnp.zeros((), jnp.int32),
+        "k": jnp.zeros((*lead, *key_shape), dtype),
+        "v": jnp.zeros((*lead, *value_shape), value_dtype),
+    }
+
+
 def matmul_precision(config: Any) -> contextlib.AbstractContextManager:
     """The context that applies ``config.matmul_precision`` (none for 'default' or absent)."""
     name = getattr(config, "matmul_precision", "default")
