@@ -15,12 +15,14 @@ pieces, each call getting the previous call's ``out.state``, gives the same logi
 pass (a family may require pieces to start at multiples of
 ``ModelFamily.piece_alignment(config)``). ``max_len`` bounds what a cache must hold.
 
-Dtypes: configs name a compute ``dtype`` and a ``param_dtype`` from ``DTYPES``; parameters
+Dtypes: configs (all inheriting ``qpf.config.NumericsConfig``, which validates these fields)
+name a compute ``dtype`` and a ``param_dtype`` from ``DTYPES``; parameters
 stay ``param_dtype`` (float32 by default), GEMMs run in ``dtype``, and scans, norms and
 softmaxes accumulate in float32 whatever the compute dtype. A config's
 ``matmul_precision`` (``qpf.config.MATMUL_PRECISIONS``) sets the precision of float32
 matrix products inside the model (GPUs default to TF32 for them): decorate the module's
-``__call__`` with ``applies_matmul_precision``.
+``__call__`` with ``applies_matmul_precision``. Attention caches are built by
+``kv_cache_state`` (length from ``cache_length``).
 """
 
 from __future__ import annotations
