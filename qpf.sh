@@ -5,7 +5,7 @@
 # ($PYTHON, else python3.12, python3.11, python3) and installs the project with its dev
 # extra; later calls reinstall only when pyproject.toml is newer than the last install.
 #   train  python -m experiments.train [OPTIONS]   (default: the tiny preset on TinyShakespeare)
-#   test   python -m pytest -q -n 2 --dist loadfile [PYTEST ARGS]   (the whole suite)
+#   test   python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder [PYTEST ARGS]   (the whole suite)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -60,7 +60,7 @@ case "$verb" in
     ;;
   test)
     setup
-    exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile "$@"
+    exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder "$@"
     ;;
   setup)
     setup

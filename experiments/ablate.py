@@ -252,6 +252,9 @@ GRIDS: dict[str, Grid] = {
                 Variant("lru", "no-banks", overrides={"backbone.ssm": "lru"}),
                 Variant("rglru", "lru", overrides={"backbone.selectivity": "rglru"}),
                 Variant("rms-norm", "rglru", overrides={"backbone.norm": "rms"}),
+                # Plain byte input (one byte a position, no patches, no within-patch decoder):
+                # the input of the v5 byte presets.
+                Variant("plain-bytes", "rms-norm", overrides={"input_mode": "token"}),
                 Variant("modswish", "rms-norm", overrides={"backbone.activation": "modswish"}),
                 Variant(
                     "glu-mixer", "modswish", overrides={"backbone.channel_mixer": "complex_glu"}

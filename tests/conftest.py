@@ -32,6 +32,48 @@ if _cache_dir != "off":
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# ------------------------------------------------------------------ scheduling
+#
+# The README's command runs ``-n 2 --dist loadgroup --no-loadscope-reorder``: xdist hands
+# each worker whole groups, in collection order, as it runs dry. A group is a test file (its
+# module-level compiled models are built once), except the family-generic tests, which form
+# one group per model case so the cases spread over both workers. Groups are sent most
+# expensive first (the longest-processing-time rule), so no worker starts a long group last.
+
+# Measured wall time order of the heaviest groups (``--durations``; 2 cores, cold compile
+# cache): files not listed follow in collection order.
+HEAVY_FIRST = ()
+
+FAMILY_TESTS = "test_families.py"
+
+
+def schedule_group(item: pytest.Item) -> str:
+    """The xdist group of ``item``: its file, or ``test_families.py::<spec>`` for a case."""
+    path = item.nodeid.split("::", 1)[0]
+    spec = getattr(item, "callspec", None) and item.callspec.params.get("spec")
+    if path.endswith(FAMILY_TESTS) and spec:
+        return f"{path}::{spec}"
+    return path
+
+
+def _weight(group: str) -> tuple[int, int]:
+    name = group.rsplit("/", 1)[-1]
+    for rank, heavy in enumerate(HEAVY_FIRST):
+        if name == heavy or name.startswith(f"{heavy}::"):
+            return (0, rank)
+    if name.startswith(f"{FAMILY_TESTS}::"):
+        return (1, 0)  # each family case trains twice (resume, leak): heavier than most files
+    return (2, 0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    groups = {id(item): schedule_group(item) for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[id(item)]))
+    items.sort(key=lambda item: _weight(groups[id(item)]))  # stable: file order kept within
+
+
 def shared_dir_or_none() -> Path | None:
     env = os.environ.get("QPF_SHARED_DIR")
     path = Path(env) if env else REPO.parent / "shared"
@@ -75,6 +117,18 @@ def fixture_files(subdir: str, pattern: str) -> list[Path]:
     if not files:
         pytest.fail(f"no fixture file matches {folder / pattern} (set QPF_FIXTURES_DIR)")
     return files
+
+
+def fixture_failures(subdir: str, pattern: str, failures_of) -> list[str]:
+    """Every failure ``failures_of(z)`` reports over the fixture files of ``subdir`` matching
+    ``pattern`` (``z``: the file as a dict), prefixed by the file name, so a parity test
+    reports every failing key of every file, not only the first."""
+    failures = []
+    for path in fixture_files(subdir, pattern):
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+        failures += [f"{path.name} {f}" for f in failures_of(data)]
+    return failures
 
 
 @pytest.fixture(scope="session")

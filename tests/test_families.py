@@ -78,6 +78,11 @@ def _cases() -> list[str]:
 
 
 CASES = _cases()
+# Resume checks the trainer's checkpoint of a family's parameter and optimizer trees, the
+# same code for every preset of a family: its first test preset stands for the others.
+RESUME_CASES = [
+    c for c in CASES if c == next(d for d in CASES if d.split(":")[0] == c.split(":")[0])
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +230,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", CASES)
+@pytest.mark.parametrize("spec", RESUME_CASES)
 def test_resume_gives_the_uninterrupted_loss_sequence(spec, data_dir, tmp_path):
     require(built(spec), "resume")
     assert train_cli.main(_train_args(spec, data_dir, tmp_path / "full", 4)) == 0

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from tiny_configs import deterministic_qpf
 
 from qpf import config as cfgs
 from qpf.models.contract import ModelOutput
@@ -107,15 +108,7 @@ def test_head_logits_equal_dense():
 
 # ------------------------------------------------------------------ model contract
 
-QPF = cfgs.ModelConfig(
-    vocab_size=37,
-    dim=6,
-    banks=(cfgs.SemanticBankConfig(num_concepts=5, dropout=0.0),),
-    backbone=cfgs.BackboneConfig(state_dim=6, num_layers=1, dropout=0.0),
-    coupler=cfgs.CouplerConfig(dropout=0.0),
-    memory=None,
-    episodic=None,
-)
+QPF = deterministic_qpf(37, concepts=5, state_dim=6, num_layers=1)
 FAMILIES = {
     "qpf": lambda: QPFModel(config=QPF),
     "transformer": lambda: Transformer(

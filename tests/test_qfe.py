@@ -14,7 +14,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import fixture_files
+from conftest import fixture_failures
 
 from qpf.training import qfe
 
@@ -55,35 +55,35 @@ def check(got: dict, z: dict, prefix: str, f64: bool) -> list[str]:
 
 
 def test_qfe_parity_loss_fixture(parity_dtype):
-    dtype = parity_dtype
-    f64 = dtype == "float64"
-    failures = []
-    for path in fixture_files("wavegpt", "qfe_loss*.npz"):
-        z = load(path)
+    f64 = parity_dtype == "float64"
+
+    def failures_of(z: dict) -> list[str]:
         variants = json.loads(str(z["config_json"]))["call"]["variants"]
-        lengths = sorted({k.split("/")[0] for k in z if k.startswith("T")})
-        for t_key in lengths:
-            logits = z[f"{t_key}/logits"].astype(dtype)
+        failures = []
+        for t_key in sorted({k.split("/")[0] for k in z if k.startswith("T")}):
+            logits = z[f"{t_key}/logits"].astype(parity_dtype)
             for name, var in variants.items():
                 got = qfe_outputs(logits, z[f"{t_key}/targets"], var["lambda_coherence"])
-                failures += [f"{path.name} {f}" for f in check(got, z, f"{t_key}/{name}", f64)]
+                failures += check(got, z, f"{t_key}/{name}", f64)
+        return failures
+
+    failures = fixture_failures("wavegpt", "qfe_loss*.npz", failures_of)
     assert not failures, "\n".join(failures)
 
 
 def test_qfe_parity_model_fixtures(parity_dtype):
     """The loss/qfe keys of the full-model files, from their stored logits."""
-    dtype = parity_dtype
-    f64 = dtype == "float64"
-    failures = []
-    for path in fixture_files("wavegpt", "wavegpt_*_T*.npz"):
-        z = load(path)
+    f64 = parity_dtype == "float64"
+
+    def failures_of(z: dict) -> list[str]:
         if "loss/qfe/total" not in z:
-            continue
+            return []
         lam = json.loads(str(z["config_json"]))["call"]["qfe"]["lambda_coherence"]
         logits = z["f64/logits"] if f64 else z["logits"]
         got = qfe_outputs(logits, z["targets"], lam)
-        got = {k: v for k, v in got.items() if f"loss/qfe/{k}" in z}
-        failures += [f"{path.name} {f}" for f in check(got, z, "loss/qfe", f64)]
+        return check({k: v for k, v in got.items() if f"loss/qfe/{k}" in z}, z, "loss/qfe", f64)
+
+    failures = fixture_failures("wavegpt", "wavegpt_*_T*.npz", failures_of)
     assert not failures, "\n".join(failures)
 
 

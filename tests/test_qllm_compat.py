@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_files
+from conftest import fixture_failures, fixture_files
 
 from qpf.models.qllm import QLLM, QLLMConfig
 from qpf.models.qllm_compat import (
@@ -106,17 +106,20 @@ def forward_files() -> list[Path]:
     return fixture_files("qllm", "qllm_*_T*.npz")
 
 
-@pytest.mark.parity
-@pytest.mark.parametrize("mode", ["f32", "f64"])
-def test_forward_parity(mode: str, request: pytest.FixtureRequest) -> None:
-    """Every intermediate, the logits and the losses of every forward fixture file."""
-    if mode == "f64":
+@pytest.fixture(params=["f32", "f64"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """The parity mode; "f64" runs the test body with float64 enabled."""
+    if request.param == "f64":
         request.getfixturevalue("x64")
-    failures = []
-    for path in forward_files():
-        z = load(path)
-        fails, _ = compare(z, forward_outputs(z, mode), mode)
-        failures += [f"{path.name} {f}" for f in fails]
+    return request.param
+
+
+@pytest.mark.parity
+def test_forward_parity(mode: str) -> None:
+    """Every intermediate, the logits and the losses of every forward fixture file."""
+    failures = fixture_failures(
+        "qllm", "qllm_*_T*.npz", lambda z: compare(z, forward_outputs(z, mode), mode)[0]
+    )
     assert not failures, "\n".join(failures)
 
 
@@ -158,11 +161,8 @@ def generate_outputs(z: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarra
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("mode", ["f32", "f64"])
-def test_generate_parity(mode: str, request: pytest.FixtureRequest) -> None:
+def test_generate_parity(mode: str) -> None:
     """Windowed greedy and penalised generation (ids exact, step logits) and sampler probs."""
-    if mode == "f64":
-        request.getfixturevalue("x64")
     failures = []
     for path in fixture_files("qllm", "qllm_generate*.npz"):
         z = load(path)

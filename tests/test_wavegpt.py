@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_files
+from conftest import fixture_failures, fixture_files
 
 from qpf.config import ConfigError
 from qpf.models import wavegpt_weights as ww
@@ -99,15 +99,13 @@ def model_keys(z: dict) -> list[str]:
 
 @pytest.mark.parametrize("pattern", ["wavegpt_golden_T*.npz", "wavegpt_purewave_T*.npz"])
 def test_wavegpt_parity_model_fixtures(pattern, parity_dtype):
-    dtype = parity_dtype
-    failures = []
-    for path in fixture_files("wavegpt", pattern):
-        z = load(path)
-        got = model_outputs(z, dtype)
-        tol = F32 if dtype == "float32" else F64_PURE_WAVE if "purewave" in pattern else F64
-        failures += [
-            f"{path.name} {f}" for f in compare(got, z, model_keys(z), tol, dtype == "float64")
-        ]
+    f64 = parity_dtype == "float64"
+    tol = F64_PURE_WAVE if f64 and "purewave" in pattern else F64 if f64 else F32
+
+    def failures_of(z: dict) -> list[str]:
+        return compare(model_outputs(z, parity_dtype), z, model_keys(z), tol, f64)
+
+    failures = fixture_failures("wavegpt", pattern, failures_of)
     assert not failures, "\n".join(failures)
 
 
@@ -154,17 +152,19 @@ def _attention_outputs(z: dict, t_key: str, cases: list, dtype: str) -> dict[str
 
 
 def test_wavegpt_parity_pure_wave_attention(parity_dtype):
-    dtype = parity_dtype
-    tol = F64_PURE_WAVE if dtype == "float64" else F32
-    failures = []
-    for path in fixture_files("wavegpt", "pure_wave_attention*.npz"):
-        z = load(path)
+    f64 = parity_dtype == "float64"
+    tol = F64_PURE_WAVE if f64 else F32
+
+    def failures_of(z: dict) -> list[str]:
         cases = sorted({tuple(k.split("/")[:3]) for k in z if k.count("/") == 3 and k[0] == "T"})
+        failures = []
         for t_key in sorted({c[0] for c in cases}):
-            sub = [c for c in cases if c[0] == t_key]
-            got = _attention_outputs(z, t_key, sub, dtype)
+            got = _attention_outputs(z, t_key, [c for c in cases if c[0] == t_key], parity_dtype)
             keys = [k for k in z if k.startswith(f"{t_key}/") and k != f"{t_key}/input"]
-            failures += [f"{path.name} {f}" for f in compare(got, z, keys, tol, dtype == "float64")]
+            failures += compare(got, z, keys, tol, f64)
+        return failures
+
+    failures = fixture_failures("wavegpt", "pure_wave_attention*.npz", failures_of)
     assert not failures, "\n".join(failures)
 
 
@@ -345,15 +345,13 @@ F64_CLASSIC = {"rtol": 1e-6, "atol": 1e-7}
 
 
 def test_classic_parity_fixtures(parity_dtype):
-    dtype = parity_dtype
-    tol = F64_CLASSIC if dtype == "float64" else F32
-    failures = []
-    for path in fixture_files("wavegpt", "classic_golden_T*.npz"):
-        z = load(path)
-        got = classic_outputs(z, dtype)
-        failures += [
-            f"{path.name} {f}" for f in compare(got, z, model_keys(z), tol, dtype == "float64")
-        ]
+    f64 = parity_dtype == "float64"
+    tol = F64_CLASSIC if f64 else F32
+
+    def failures_of(z: dict) -> list[str]:
+        return compare(classic_outputs(z, parity_dtype), z, model_keys(z), tol, f64)
+
+    failures = fixture_failures("wavegpt", "classic_golden_T*.npz", failures_of)
     assert not failures, "\n".join(failures)
 
 

@@ -30,3 +30,25 @@ CLI_TINY_OVERRIDES = [
     "diagrnn:model.dim=16",
     "diagrnn:model.num_layers=1",
 ]
+
+
+def deterministic_qpf(
+    vocab_size: int,
+    *,
+    concepts: int,
+    state_dim: int,
+    num_layers: int,
+    memory: cfgs.MemoryConfig | None = None,
+    episodic: cfgs.EpisodicConfig | None = None,
+) -> cfgs.ModelConfig:
+    """A tiny token-input qpf config with every dropout off (one semantic bank), for tests
+    that compare a model's training or loss paths exactly."""
+    return cfgs.ModelConfig(
+        vocab_size=vocab_size,
+        dim=6,
+        banks=(cfgs.SemanticBankConfig(num_concepts=concepts, dropout=0.0),),
+        backbone=cfgs.BackboneConfig(state_dim=state_dim, num_layers=num_layers, dropout=0.0),
+        coupler=cfgs.CouplerConfig(dropout=0.0),
+        memory=memory,
+        episodic=episodic,
+    )
