@@ -16,7 +16,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal, TypeVar, get_args
+from typing import Any, ClassVar, Literal, Self, TypeVar, get_args
 
 from qpf.errors import ConfigError
 from qpf.ops.scan import SCAN_TYPES
@@ -71,6 +71,44 @@ MATMUL_PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16", "highest
 
 # The former private names, for code written against them (new families on other branches).
 _require, _positive_int, _rate, _one_of = require, positive_int, rate, one_of
+
+# Names of the compute / parameter dtypes a model config may choose (``qpf.models.contract``
+# maps them to jnp dtypes).
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NumericsConfig:
+    """The numeric fields every model config has, validated in one place.
+
+    dtype: compute dtype of GEMMs (one of ``DTYPES``); norms, softmaxes and scans
+      accumulate in float32 (float64 under x64) whatever it is.
+    param_dtype: dtype the parameters are stored in (``DTYPES``).
+    matmul_precision: precision of float32 matrix products (``MATMUL_PRECISIONS``).
+
+    A family's config inherits it (``class FooConfig(NumericsConfig)``, also frozen) and
+    its ``__post_init__`` calls ``super().__post_init__()`` first. The fields are
+    keyword-only, so a subclass's own fields keep their positions; ``qpf.models.family``
+    refuses a family whose config does not inherit this class.
+    """
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    matmul_precision: str = "default"
+
+    def __post_init__(self) -> None:
+        self.validate_numerics()
+
+    def validate_numerics(self) -> None:
+        """``ConfigError`` naming the field unless dtype, param_dtype and matmul_precision
+        are among ``DTYPES`` / ``MATMUL_PRECISIONS``."""
+        one_of(self, "dtype", DTYPES)
+        one_of(self, "param_dtype", DTYPES)
+        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied (and validated again)."""
+        return dataclasses.replace(self, **changes)
 
 
 # ----------------------------------------------------------------------------- banks
@@ -423,11 +461,10 @@ class MorphologyEmbedConfig:
 
 
 INPUT_MODES = ("token", "byte_patch", "morphological")
-DTYPES = ("float32", "bfloat16", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(NumericsConfig):
     """The full v4 phase-field model.
 
     input_mode: 'token' (one id per position: BPE, or bytes without patching),
@@ -452,16 +489,11 @@ class ModelConfig:
     episodic: EpisodicConfig | None = EpisodicConfig()
     byte_patch: BytePatchConfig = BytePatchConfig()
     morphology: MorphologyEmbedConfig = MorphologyEmbedConfig()
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive_int(self, "vocab_size", "dim")
         one_of(self, "input_mode", INPUT_MODES)
-        one_of(self, "dtype", DTYPES)
-        one_of(self, "param_dtype", DTYPES)
-        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
         require(isinstance(self.banks, tuple), self, "banks", "a tuple of bank configs")
         names = [b.type for b in self.banks]
         require(len(set(names)) == len(names), self, "banks", "distinct bank types")
@@ -479,9 +511,6 @@ class ModelConfig:
     @property
     def bank_names(self) -> tuple[str, ...]:
         return tuple(b.type for b in self.banks)
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
 
 
 # ------------------------------------------------------------- (de)serialisation

@@ -7,8 +7,10 @@ control can assert that a broken input is caught.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,9 +41,10 @@ def build(module: nn.Module, vocab: int, batch: int = 2, t: int = 13, seed: int 
 
 
 def build_model(
-    model_cls: type[nn.Module], config: Any, batch: int = 2, t: int = 13, seed: int = 0
+    model_cls: Callable[[Any], nn.Module], config: Any, batch: int = 2, t: int = 13, seed: int = 0
 ):
-    """(module, params, tokens, apply) for ``model_cls(config)``, as ``build``."""
+    """(module, params, tokens, apply) for ``model_cls(config)`` (a module class or a
+    family's ``build``), as ``build``."""
     module = model_cls(config)
     return (module, *build(module, config.vocab_size, batch, t, seed))
 
@@ -59,6 +62,44 @@ def variant_failures(module: nn.Module, vocab: int, positions: Sequence[int]) ->
 
     grads = jax.jit(jax.grad(loss))(params)
     return failures + dead_gradients(grads, tokens[:, :-1], vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallModel:
+    """A family's small test model: ``family.build`` over variants of ``config_cls(**base)``."""
+
+    family: Any  # qpf.models.family.ModelFamily
+    base: tuple[tuple[str, Any], ...]
+
+    def config(self, **changes: Any) -> Any:
+        """The family's config with the base fields and ``changes`` (validated)."""
+        return self.family.config_cls(**{**dict(self.base), **changes})
+
+    def build(self, config: Any, batch: int = 2, t: int = 13, seed: int = 0):
+        """(module, params, tokens ``[batch, t]``, jitted apply), compiled once per config."""
+        return build_model(self.family.build, config, batch, t, seed)
+
+    def variant_failures(self, positions: Sequence[int], /, **changes: Any) -> list[str]:
+        """Causality and gradient-to-every-parameter/row failures of ``config(**changes)``."""
+        config = self.config(**changes)
+        return variant_failures(self.family.build(config), config.vocab_size, positions)
+
+    def round_trip_failures(self, **changes: Any) -> list[str]:
+        """Failures of ``config(**changes)`` to come back equal from JSON (``to_json`` ->
+        ``from_dict``) and from a no-op ``apply_overrides``."""
+        from qpf import config as cfgs
+
+        config = self.config(**changes)
+        again = cfgs.from_dict(self.family.config_cls, json.loads(cfgs.to_json(config)))
+        same = cfgs.apply_overrides(config, {})
+        pairs = (("from_dict(to_json)", again), ("apply_overrides({})", same))
+        return [f"{what}: {got!r} != {config!r}" for what, got in pairs if got != config]
+
+
+def small_model(family: Any, **base: Any) -> SmallModel:
+    """The small-model builder of a family's own tests: ``small_model(TRANSFORMER_FAMILY,
+    vocab_size=31, dim=12, ...)``; see ``SmallModel``."""
+    return SmallModel(family, tuple(base.items()))
 
 
 def preset_count_failures(family: Any, presets: Any, rel: float = 0.10) -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import family_checks as checks
 import jax
 import jax.numpy as jnp
@@ -12,24 +10,13 @@ import pytest
 from family_checks import mismatch, piecewise_logits
 
 from qpf import config as cfgs
-from qpf.models.diagrnn import (
-    DIAGRNN_FAMILY,
-    PRESETS,
-    DiagRNN,
-    DiagRNNConfig,
-    DiagRNNLayer,
-    decay,
-    init_state,
-)
+from qpf.models.diagrnn import DIAGRNN_FAMILY, PRESETS, DiagRNNLayer, decay, init_state
 from qpf.zoo import resolve_model
 
-SMALL = dict(vocab_size=29, dim=12, num_layers=2, state_dim=14, chunk_size=5, dropout=0.0)
-# (config, batch=2, t=13, seed=0) -> (module, params, tokens, apply), compiled once per config
-build = functools.partial(checks.build_model, DiagRNN)
-
-
-def small_config(**kw) -> DiagRNNConfig:
-    return DiagRNNConfig(**{**SMALL, **kw})
+# .config(**changes) -> config; .build(config, batch=2, t=13, seed=0) -> (module, params,
+# tokens, jitted apply), compiled once per config
+SMALL = checks.small_model(DIAGRNN_FAMILY, vocab_size=29, dim=12, num_layers=2,
+                           state_dim=14, chunk_size=5, dropout=0.0)  # fmt: skip
 
 
 # Causality, gradients, decode == forward and bf16 of the default config are checked for
@@ -39,9 +26,7 @@ VARIANT = {"tie_embeddings": False, "norm": "layernorm", "state_dim": None, "dro
 
 
 def test_variant_is_causal_and_trains_every_parameter_and_table_row():
-    config = small_config(**VARIANT)
-    failures = checks.variant_failures(DiagRNN(config), config.vocab_size, (0, 6, 11))
-    assert not failures, "\n".join(failures)
+    assert not (failures := SMALL.variant_failures((0, 6, 11), **VARIANT)), "\n".join(failures)
 
 
 @pytest.mark.parametrize(
@@ -53,8 +38,8 @@ def test_variant_is_causal_and_trains_every_parameter_and_table_row():
     ],
 )
 def test_streaming_with_state_equals_full_forward(scan_type, cuts):
-    config = small_config(scan_type=scan_type)
-    _, params, tokens, run = build(config, seed=4)
+    config = SMALL.config(scan_type=scan_type)
+    _, params, tokens, run = SMALL.build(config, seed=4)
     full = run(params, tokens, None)
     step = lambda x, s: run(params, x, s)  # noqa: E731
     state0 = init_state(config, tokens.shape[0], 999)
@@ -83,13 +68,13 @@ def _numpy_layer(params, x: np.ndarray, h0: np.ndarray) -> tuple[np.ndarray, np.
 def test_scan_backends_agree_and_match_numpy_reference():
     x = jax.random.normal(jax.random.key(0), (2, 13, 12))
     h0 = jax.random.normal(jax.random.key(1), (2, 14))
-    layer = DiagRNNLayer(small_config())
+    layer = DiagRNNLayer(SMALL.config())
     params = jax.jit(layer.init)(jax.random.key(2), x, h0)["params"]
     # Spread the gates so the decays differ per step (the init gives near-constant ones).
     params["gate_proj"]["bias"] = jnp.linspace(-3.0, 3.0, 14)
     ref_y, ref_h = _numpy_layer(params, np.asarray(x, np.float64), np.asarray(h0, np.float64))
     for scan_type in ("sequential", "associative", "chunked"):
-        layer = DiagRNNLayer(small_config(scan_type=scan_type))
+        layer = DiagRNNLayer(SMALL.config(scan_type=scan_type))
         y, h = jax.jit(lambda x, h0, layer=layer: layer.apply({"params": params}, x, h0))(x, h0)
         np.testing.assert_allclose(y, ref_y, rtol=1e-4, atol=1e-6, err_msg=scan_type)
         np.testing.assert_allclose(h, ref_h, rtol=1e-4, atol=1e-6, err_msg=scan_type)
@@ -97,7 +82,7 @@ def test_scan_backends_agree_and_match_numpy_reference():
 
 
 def test_decay_init_spans_the_configured_range():
-    config = small_config(lambda_min=0.5, lambda_max=0.99)
+    config = SMALL.config(lambda_min=0.5, lambda_max=0.99)
     layer = DiagRNNLayer(config)
     shapes = (jnp.zeros((1, 3, 12)), jnp.zeros((1, 14)))
     params = jax.jit(layer.init)(jax.random.key(0), *shapes)["params"]
@@ -106,10 +91,10 @@ def test_decay_init_spans_the_configured_range():
 
 
 def test_bfloat16_compute_keeps_the_recurrent_state_float32():
-    config = small_config()
-    _, params, tokens, _ = build(config)
-    bf16 = jax.jit(lambda x: DiagRNN(config.replace(dtype="bfloat16")).apply({"params": params}, x))
-    out = bf16(tokens)
+    config = SMALL.config()
+    _, params, tokens, _ = SMALL.build(config)
+    bf16_model = SMALL.family.build(config.replace(dtype="bfloat16"))
+    out = jax.jit(lambda x: bf16_model.apply({"params": params}, x))(tokens)
     assert out.logits.dtype == jnp.bfloat16
     assert out.state["h"].dtype == jnp.float32
 
@@ -121,12 +106,11 @@ def test_spec_presets_match_qpf_parameter_counts_within_ten_percent():
 
 
 def test_registered_family_and_config_round_trip():
-    family, preset = resolve_model("diagrnn:tiny-byte")
-    assert family is DIAGRNN_FAMILY
-    assert preset.model.vocab_size == 259
-    cfg = small_config(scan_type="chunked", state_dim=None)
-    assert cfgs.from_dict(DiagRNNConfig, cfgs.to_dict(cfg)) == cfg
-    assert cfgs.apply_overrides(cfg, {"state_dim": "20"}).state_width == 20
+    assert resolve_model("diagrnn:tiny-byte") == (DIAGRNN_FAMILY, PRESETS["tiny-byte"])
+    assert PRESETS["tiny-byte"].model.vocab_size == 259
+    failures = SMALL.round_trip_failures(scan_type="chunked", state_dim=None)
+    assert not failures, failures
+    assert cfgs.apply_overrides(SMALL.config(), {"state_dim": "20"}).state_width == 20
 
 
 @pytest.mark.parametrize(
@@ -141,9 +125,8 @@ def test_registered_family_and_config_round_trip():
         ({"norm": "none"}, "norm"),
         ({"dropout": -0.1}, "dropout"),
         ({"num_layers": 0}, "num_layers"),
-        ({"param_dtype": "int8"}, "param_dtype"),
     ],
 )
 def test_config_validation_names_the_field(kw, field):
     with pytest.raises(cfgs.ConfigError, match=rf"DiagRNNConfig\.{field} = "):
-        small_config(**kw)
+        SMALL.config(**kw)

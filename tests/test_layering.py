@@ -303,6 +303,65 @@ def test_checker_finds_readme_drift(tmp_path):
 # ------------------------------------------------------------------ explicit registration
 
 
+NUMERIC_FIELDS = ("dtype", "param_dtype", "matmul_precision")
+CHECKS = ("one_of", "require", "_one_of", "_require")
+
+
+def _declared_numerics(cls: ast.ClassDef, where: str) -> list[str]:
+    """The numeric fields a model config class (one with a ``family_name``) annotates."""
+    annotated = [n.target for n in cls.body if isinstance(n, ast.AnnAssign)]
+    own = {t.id for t in annotated if isinstance(t, ast.Name)}
+    if "family_name" not in own:
+        return []
+    return [f"{where}:{cls.lineno}: {cls.name} declares {f}" for f in NUMERIC_FIELDS if f in own]
+
+
+def _checked_numerics(call: ast.Call, where: str) -> list[str]:
+    """The numeric fields a ``one_of``/``require`` call names."""
+    if getattr(call.func, "id", None) not in CHECKS:
+        return []
+    consts = {a.value for a in call.args if isinstance(a, ast.Constant)}
+    return [f"{where}:{call.lineno}: checks {f}" for f in NUMERIC_FIELDS if f in consts]
+
+
+def numeric_redeclarations(root: Path) -> list[str]:
+    """Places outside ``qpf.config.NumericsConfig`` that declare a model config's numeric
+    field (dtype, param_dtype, matmul_precision) or validate one: config validation has one
+    home, and every family config inherits it."""
+    found = []
+    for tree in TREES:
+        for path in sorted((root / tree).rglob("*.py")):
+            where = path.relative_to(root).as_posix()
+            module = ast.parse(path.read_text(), where)
+            if where == "qpf/config.py":  # the home itself
+                module.body = [n for n in module.body if getattr(n, "name", "") != "NumericsConfig"]
+            for node in ast.walk(module):
+                if isinstance(node, ast.ClassDef):
+                    found += _declared_numerics(node, where)
+                elif isinstance(node, ast.Call):
+                    found += _checked_numerics(node, where)
+    return found
+
+
+def test_numerics_are_declared_and_checked_only_by_numerics_config(tmp_path):
+    assert numeric_redeclarations(ROOT) == []
+    planted = _tree(tmp_path, {
+        "qpf/config.py": "class NumericsConfig:\n    dtype: str = 'float32'\n"
+                         "    def v(self):\n        one_of(self, 'dtype', DTYPES)\n",
+        "qpf/models/foo.py": "class FooConfig(NumericsConfig):\n    family_name: ClassVar[str]"
+                             " = 'foo'\n    dtype: str = 'float32'\n    def __post_init__(self):"
+                             "\n        one_of(self, 'matmul_precision', P)\n"
+                             "def validate(c):\n    require(ok, c, 'param_dtype', 'a dtype')\n",
+        "kernels/__init__.py": "",
+        "experiments/__init__.py": "",
+    })  # fmt: skip
+    assert set(numeric_redeclarations(planted)) == {
+        "qpf/models/foo.py:1: FooConfig declares dtype",
+        "qpf/models/foo.py:5: checks matmul_precision",
+        "qpf/models/foo.py:7: checks param_dtype",
+    }
+
+
 def test_every_config_type_has_its_registered_component():
     import typing
 

@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, rate, require
+from qpf.config import one_of, positive_int, rate, require
 from qpf.layers.head import LMHead
 from qpf.models.contract import DTYPES
 
@@ -46,13 +46,11 @@ def norm(c: Any, name: str) -> nn.Module:
 
 
 def validate_common(cfg: Any) -> None:
-    """Checks every baseline config shares: sizes, dropout, norm and dtypes."""
+    """Checks every baseline config shares: sizes, dropout and norm (the dtypes are
+    ``qpf.config.NumericsConfig``'s)."""
     positive_int(cfg, "vocab_size", "dim", "num_layers")
     rate(cfg, "dropout")
     one_of(cfg, "norm", NORMS)
-    one_of(cfg, "dtype", tuple(DTYPES))
-    one_of(cfg, "param_dtype", tuple(DTYPES))
-    one_of(cfg, "matmul_precision", MATMUL_PRECISIONS)
     require(isinstance(cfg.tie_embeddings, bool), cfg, "tie_embeddings", "a bool")
 
 

@@ -15,12 +15,14 @@ pieces, each call getting the previous call's ``out.state``, gives the same logi
 pass (a family may require pieces to start at multiples of
 ``ModelFamily.piece_alignment(config)``). ``max_len`` bounds what a cache must hold.
 
-Dtypes: configs name a compute ``dtype`` and a ``param_dtype`` from ``DTYPES``; parameters
+Dtypes: configs (all inheriting ``qpf.config.NumericsConfig``, which validates these fields)
+name a compute ``dtype`` and a ``param_dtype`` from ``DTYPES``; parameters
 stay ``param_dtype`` (float32 by default), GEMMs run in ``dtype``, and scans, norms and
 softmaxes accumulate in float32 whatever the compute dtype. A config's
 ``matmul_precision`` (``qpf.config.MATMUL_PRECISIONS``) sets the precision of float32
 matrix products inside the model (GPUs default to TF32 for them): decorate the module's
-``__call__`` with ``applies_matmul_precision``.
+``__call__`` with ``applies_matmul_precision``. Attention caches are built by
+``kv_cache_state`` (length from ``cache_length``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,44 @@ class ModelOutput:
     intermediates: dict[str, Array] | None = None
     features: Array | None = None
     head_weight: Array | None = None
+
+
+def cache_length(config: Any, max_len: int | None) -> int:
+    """Slots S of a decoding cache: ``max_len``, or ``config.max_len`` when None.
+
+    Raises ``ValueError`` (a ``ConfigError``'s base) unless S >= 1.
+    """
+    length = config.max_len if max_len is None else max_len
+    if length < 1:
+        raise ValueError(f"init_state: max_len must be >= 1, got {length}")
+    return length
+
+
+def kv_cache_state(
+    config: Any,
+    batch_size: int,
+    max_len: int | None,
+    key_shape: tuple[int, ...],
+    value_shape: tuple[int, ...] | None = None,
+    dtype: Any = None,
+    value_dtype: Any = None,
+) -> State:
+    """An empty KV cache at position 0 for ``config.num_layers`` layers.
+
+    Returns ``{"pos": 0, "k": [L, B, S, *key_shape], "v": [L, B, S, *value_shape]}`` of
+    zeros, S = ``cache_length(config, max_len)``. ``value_shape`` defaults to
+    ``key_shape``; ``dtype`` (keys) to the compute dtype ``DTYPES[config.dtype]`` and
+    ``value_dtype`` to ``dtype``.
+    """
+    dtype = DTYPES[config.dtype] if dtype is None else dtype
+    value_dtype = dtype if value_dtype is None else value_dtype
+    lead = (config.num_layers, batch_size, cache_length(config, max_len))
+    value_shape = key_shape if value_shape is None else value_shape
+    return {
+        "pos": jnp.zeros((), jnp.int32),
+        "k": jnp.zeros((*lead, *key_shape), dtype),
+        "v": jnp.zeros((*lead, *value_shape), value_dtype),
+    }
 
 
 def matmul_precision(config: Any) -> contextlib.AbstractContextManager:

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import positive_int, require
+from qpf.config import NumericsConfig, positive_int, require
 from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_head, validate_common
 from qpf.models.contract import ModelOutput, State, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset
@@ -47,7 +47,7 @@ DIAGRNN_SCAN_TYPES = ("sequential", "associative", "chunked", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
-class DiagRNNConfig:
+class DiagRNNConfig(NumericsConfig):
     """A stack of real diagonal linear recurrences.
 
     state_dim: recurrence width N; None means 2·dim (qpf's backbone ratio).
@@ -72,11 +72,9 @@ class DiagRNNConfig:
     scan_type: str = "sequential"
     chunk_size: int = 128
     unroll: int = 1
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         validate_common(self)
         positive_int(self, "chunk_size", "unroll")
         if self.state_dim is not None:
@@ -105,9 +103,6 @@ class DiagRNNConfig:
     def state_width(self) -> int:
         """N: ``state_dim``, or 2·dim when unset."""
         return 2 * self.dim if self.state_dim is None else self.state_dim
-
-    def replace(self, **changes: Any) -> DiagRNNConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def init_state(config: DiagRNNConfig, batch_size: int, max_len: int | None = None) -> State:

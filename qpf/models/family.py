@@ -27,7 +27,7 @@ from typing import Any
 
 from flax import linen as nn
 
-from qpf.config import ConfigError
+from qpf.config import ConfigError, NumericsConfig
 from qpf.models.contract import State
 
 # Properties every family has unless it declares an exemption (checked by tests/test_families.py):
@@ -57,9 +57,10 @@ class Preset:
 class ModelFamily:
     """One architecture.
 
-    config_cls: frozen config dataclass (``qpf.config.to_dict/from_dict`` round-trip it;
+    config_cls: frozen config dataclass inheriting ``qpf.config.NumericsConfig`` (dtypes,
+      matmul precision and ``replace``; ``qpf.config.to_dict/from_dict`` round-trip it);
       it has a ``vocab_size`` field, and a class attribute ``family_name`` equal to
-      ``name``, by which a built model finds its family).
+      ``name``, by which a built model finds its family.
     build: config -> Flax module following the call contract above.
     init_state: (config, batch_size, max_len) -> zero decoding state at position 0;
       ``max_len`` bounds the positions a cache must hold (ignored by recurrent models).
@@ -89,6 +90,13 @@ class ModelFamily:
     trainable: Callable[[Any], Callable[[Any], Any] | None] | None = None
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.config_cls, type) and issubclass(self.config_cls, NumericsConfig)):
+            raise ConfigError(
+                f"ModelFamily {self.name!r}: config_cls {self.config_cls!r} does not inherit "
+                "qpf.config.NumericsConfig; declare it as `@dataclasses.dataclass(frozen=True) "
+                "class ...Config(NumericsConfig)` (no own dtype/param_dtype/matmul_precision "
+                "fields) and call `super().__post_init__()` first in its __post_init__"
+            )
         declared = getattr(self.config_cls, "family_name", None)
         if declared != self.name:
             raise ConfigError(
@@ -114,6 +122,17 @@ class ModelFamily:
     def test_presets(self) -> list[str]:
         """Names of the presets built for tests (``test``, ``test-*``), in order."""
         return [n for n in self.presets if n == "test" or n.startswith("test-")]
+
+
+def presets_from_table(
+    config_cls: type, table: Mapping[str, tuple[Mapping[str, Any], int, float]]
+) -> dict[str, Preset]:
+    """Presets from a table ``name -> (config field changes, batch size, learning rate)``:
+    each preset's model is ``config_cls(**changes)`` (validated), in the table's order."""
+    return {
+        name: Preset(name=name, model=config_cls(**changes), batch_size=batch, learning_rate=lr)
+        for name, (changes, batch, lr) in table.items()
+    }
 
 
 def accepts_return_features(module: nn.Module) -> bool:

@@ -70,14 +70,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, require
-from qpf.models.contract import ModelOutput, applies_matmul_precision
-from qpf.models.family import ModelFamily, Preset, State
+from qpf.config import NumericsConfig, one_of, positive_int, require
+from qpf.models.contract import DTYPES, ModelOutput, applies_matmul_precision, kv_cache_state
+from qpf.models.family import ModelFamily, Preset, State, presets_from_table
 
 Array = jax.Array
 Params = dict[str, Any]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 MODES = ("wave", "neural")
 AGGREGATIONS = ("attention", "uniform")
 COINS = ("splitter", "fixed")
@@ -86,7 +85,7 @@ QUANT_EPS = 1e-8  # the original's scale guard
 
 
 @dataclasses.dataclass(frozen=True)
-class LightwaveConfig:
+class LightwaveConfig(NumericsConfig):
     """LLM Lightwave (defaults: the original's CLI defaults at HEAD, spec §1.2).
 
     dim: D complex dims (2D reals). num_steps: M inner evolution steps per layer.
@@ -123,12 +122,9 @@ class LightwaveConfig:
     quant_bits: int | None = None
     quant_ste: bool = False
     max_len: int = 1024
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
-        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
+        super().__post_init__()
         positive_int(
             self,
             "vocab_size",
@@ -144,8 +140,6 @@ class LightwaveConfig:
         one_of(self, "mode", MODES)
         one_of(self, "coin", COINS)
         one_of(self, "aggregation", AGGREGATIONS)
-        one_of(self, "dtype", tuple(DTYPES))
-        one_of(self, "param_dtype", tuple(DTYPES))
         require(
             self.aggregation == "attention" or self.mode == "neural",
             self,
@@ -192,9 +186,6 @@ class LightwaveConfig:
     def head_dim(self) -> int:
         """Complex dims per head (D/H)."""
         return self.dim // self.num_heads
-
-    def replace(self, **changes: Any) -> LightwaveConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def acc_dtype(config: LightwaveConfig) -> Any:
@@ -516,22 +507,14 @@ def init_state(config: LightwaveConfig, batch_size: int, max_len: int | None = N
     """Zero state at position 0: ``last`` ``[B, D, 2]``; neural: ``k``/``v``
     ``[L, B, S, D, 2]`` with S = max_len (default ``config.max_len``)."""
     acc = acc_dtype(config)
-    state: State = {
-        "pos": jnp.zeros((), jnp.int32),
-        "last": jnp.zeros((batch_size, config.dim, 2), acc),
-    }
-    if config.mode == "neural":
-        length = config.max_len if max_len is None else max_len
-        if length < 1:
-            raise ValueError(f"init_state: max_len must be >= 1, got {length}")
-        lead = (config.num_layers, batch_size, length)
-        if config.aggregation == "uniform":
-            state["k"] = jnp.zeros((*lead, config.num_heads * config.dim, 2), acc)
-            state["v"] = jnp.zeros((*lead, 1, 2), acc)
-        else:
-            state["k"] = jnp.zeros((*lead, config.dim, 2), acc)
-            state["v"] = jnp.zeros((*lead, config.dim, 2), acc)
-    return state
+    last = jnp.zeros((batch_size, config.dim, 2), acc)
+    if config.mode != "neural":
+        return {"pos": jnp.zeros((), jnp.int32), "last": last}
+    if config.aggregation == "uniform":
+        keys, values = (config.num_heads * config.dim, 2), (1, 2)
+    else:
+        keys, values = (config.dim, 2), (config.dim, 2)
+    return {**kv_cache_state(config, batch_size, max_len, keys, values, acc), "last": last}
 
 
 # ------------------------------------------------------------------ Flax parameter holders
@@ -773,12 +756,7 @@ _TABLE: dict[str, tuple[dict[str, Any], int, float]] = {
 }  # fmt: skip
 
 
-def _preset(name: str) -> Preset:
-    overrides, batch, lr = _TABLE[name]
-    return Preset(name=name, model=LightwaveConfig(**overrides), batch_size=batch, learning_rate=lr)
-
-
-PRESETS: dict[str, Preset] = {name: _preset(name) for name in _TABLE}
+PRESETS: dict[str, Preset] = presets_from_table(LightwaveConfig, _TABLE)
 
 LIGHTWAVE_FAMILY = ModelFamily(
     name="lightwave",

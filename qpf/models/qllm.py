@@ -51,10 +51,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, rate, require
+from qpf.config import NumericsConfig, one_of, positive_int, rate, require
 from qpf.models.baseline_layers import DTYPES
-from qpf.models.contract import ModelOutput, applies_matmul_precision
-from qpf.models.family import ModelFamily, Preset, State
+from qpf.models.contract import ModelOutput, applies_matmul_precision, kv_cache_state
+from qpf.models.family import ModelFamily, Preset, State, presets_from_table
 
 Array = jax.Array
 
@@ -68,7 +68,7 @@ LORA_TRAINABLE += ("global_memory_table", "phase_theta")
 
 
 @dataclasses.dataclass(frozen=True)
-class QLLMConfig:
+class QLLMConfig(NumericsConfig):
     """The QLLM decoder (defaults: upstream's constructor, vocabulary 256 UTF-8 bytes).
 
     vocab_size: follows the tokenizer in the trainer (qpf's byte tokenizer has 259 ids).
@@ -98,12 +98,9 @@ class QLLMConfig:
     rotator: str = "gain"
     mlp_ratio: int = 4
     dropout: float = 0.0
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
-        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
+        super().__post_init__()
         positive_int(self, "vocab_size", "dim", "num_layers", "num_heads", "max_len")
         positive_int(self, "mlp_ratio")
         for name in ("global_tokens", "lora_rank"):
@@ -130,8 +127,6 @@ class QLLMConfig:
             f">= {min_dim}" + (" and even for rotator='rotation'" if min_dim == 4 else ""),
         )
         rate(self, "dropout")
-        one_of(self, "dtype", tuple(DTYPES))
-        one_of(self, "param_dtype", tuple(DTYPES))
 
     @property
     def head_dim(self) -> int:
@@ -141,9 +136,6 @@ class QLLMConfig:
     def theta_size(self) -> int:
         """Length of θ: d for the gain, d/2 for the rotation, 0 without a rotator."""
         return {"gain": self.dim, "rotation": self.dim // 2, "none": 0}[self.rotator]
-
-    def replace(self, **changes: Any) -> QLLMConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def param_count(c: QLLMConfig) -> int:
@@ -432,13 +424,7 @@ class QLLM(nn.Module):
 
 def init_state(config: QLLMConfig, batch_size: int, max_len: int | None = None) -> State:
     """An empty text KV cache at position 0: k/v ``[L, B, max_len, H, Dh]`` (compute dtype)."""
-    c = config
-    length = c.max_len if max_len is None else max_len
-    if length < 1:
-        raise ValueError(f"init_state: max_len must be >= 1, got {length}")
-    shape = (c.num_layers, batch_size, length, c.num_heads, c.head_dim)
-    dt = DTYPES[c.dtype]
-    return {"pos": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    return kv_cache_state(config, batch_size, max_len, (config.num_heads, config.head_dim))
 
 
 def trainable_mask(params: Any) -> Any:
@@ -522,12 +508,7 @@ _TABLE: dict[str, tuple[dict[str, Any], int, float]] = {
 }
 
 
-def _preset(name: str) -> Preset:
-    changes, batch, lr = _TABLE[name]
-    return Preset(name=name, model=QLLMConfig(**changes), batch_size=batch, learning_rate=lr)
-
-
-PRESETS: dict[str, Preset] = {name: _preset(name) for name in _TABLE}
+PRESETS: dict[str, Preset] = presets_from_table(QLLMConfig, _TABLE)
 
 QLLM_FAMILY = ModelFamily(
     name="qllm",

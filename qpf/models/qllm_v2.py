@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import MATMUL_PRECISIONS, ConfigError, one_of, positive_int, rate, require
+from qpf.config import ConfigError, NumericsConfig, one_of, positive_int, rate, require
 from qpf.models.baseline_layers import DTYPES
 from qpf.models.contract import ModelOutput, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, State
@@ -57,7 +57,7 @@ LN_EPS = 1e-5  # torch nn.LayerNorm
 
 
 @dataclasses.dataclass(frozen=True)
-class QLLMv2Config:
+class QLLMv2Config(NumericsConfig):
     """The v2 model.
 
     mode: 'causal' (default) or 'faithful' (the original's non-causal forward).
@@ -96,12 +96,9 @@ class QLLMv2Config:
     mode: str = "causal"
     evolve: bool = False
     use_checkpoint: bool = False
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
-        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
+        super().__post_init__()
         positive_int(
             self,
             "vocab_size",
@@ -120,8 +117,6 @@ class QLLMv2Config:
         )
         one_of(self, "mode", MODES)
         rate(self, "dropout")
-        one_of(self, "dtype", tuple(DTYPES))
-        one_of(self, "param_dtype", tuple(DTYPES))
         require(self.phase_dim <= self.dim, self, "phase_dim", f"an int in [1, dim={self.dim}]")
         require(
             self.concept_dim % self.concept_heads == 0,
@@ -149,9 +144,6 @@ class QLLMv2Config:
     @property
     def processor_widths(self) -> tuple[int, ...]:
         return ops.processor_widths(self.dim, self.processor_max_dim)
-
-    def replace(self, **changes: Any) -> QLLMv2Config:
-        return dataclasses.replace(self, **changes)
 
 
 # ------------------------------------------------------------------ initialisers

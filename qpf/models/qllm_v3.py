@@ -56,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, require
+from qpf.config import NumericsConfig, positive_int, require
 from qpf.models.baseline_layers import DTYPES
 from qpf.models.contract import ModelOutput, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset, State
@@ -78,7 +78,7 @@ PERSISTENT_KEYS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class QLLMv3Config:
+class QLLMv3Config(NumericsConfig):
     """v3 model sizes and switches.
 
     memory_size: STM slots M; concept_dim/num_concepts: LTM concept table [K, C];
@@ -109,12 +109,9 @@ class QLLMv3Config:
     refractory_threshold: float = 0.1
     surrogate_slope: float = 10.0
     mlp_ratio: int = 2
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
-        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
+        super().__post_init__()
         positive_int(
             self,
             "vocab_size",
@@ -136,8 +133,6 @@ class QLLMv3Config:
         for f in ("spike_threshold", "surrogate_slope"):
             v = getattr(self, f)
             require(isinstance(v, int | float) and v > 0.0, self, f, "a float > 0")
-        for f in ("dtype", "param_dtype"):
-            require(getattr(self, f) in DTYPES, self, f, f"one of {', '.join(DTYPES)}")
 
     @property
     def spiking_kind(self) -> str:
@@ -145,9 +140,6 @@ class QLLMv3Config:
         if self.spiking != "auto":
             return self.spiking
         return "global" if self.mode == "faithful" else "lif"
-
-    def replace(self, **changes: Any) -> QLLMv3Config:
-        return dataclasses.replace(self, **changes)
 
 
 def init_state(config: QLLMv3Config, batch_size: int, max_len: int | None = None) -> State:

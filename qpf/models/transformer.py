@@ -32,9 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import one_of, positive_int, require
+from qpf.config import NumericsConfig, one_of, positive_int, require
 from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_head, validate_common
-from qpf.models.contract import ModelOutput, State, applies_matmul_precision
+from qpf.models.contract import ModelOutput, State, applies_matmul_precision, kv_cache_state
 from qpf.models.family import ModelFamily, Preset
 
 Array = jax.Array
@@ -45,7 +45,7 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(NumericsConfig):
     """A GPT-style decoder.
 
     dim must be a multiple of num_heads; the head width dim/num_heads must be even for
@@ -78,14 +78,12 @@ class TransformerConfig:
     norm: str = "rmsnorm"
     dropout: float = 0.1
     attention_impl: str = "xla"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    matmul_precision: str = "default"
     use_bias: bool = False
     gelu_exact: bool = False
     init: str = "gpt2"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         validate_common(self)
         one_of(self, "init", INITS)
         for flag in ("use_bias", "gelu_exact"):
@@ -112,19 +110,10 @@ class TransformerConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
-    def replace(self, **changes: Any) -> TransformerConfig:
-        return dataclasses.replace(self, **changes)
-
 
 def init_state(config: TransformerConfig, batch_size: int, max_len: int | None = None) -> State:
     """An empty KV cache at position 0: k/v ``[L, B, max_len, H, Dh]`` in the compute dtype."""
-    c = config
-    length = c.max_len if max_len is None else max_len
-    if length < 1:
-        raise ValueError(f"init_state: max_len must be >= 1, got {length}")
-    shape = (c.num_layers, batch_size, length, c.num_heads, c.head_dim)
-    dt = DTYPES[c.dtype]
-    return {"pos": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    return kv_cache_state(config, batch_size, max_len, (config.num_heads, config.head_dim))
 
 
 def rotary(x: Array, positions: Array, base: float) -> Array:

@@ -46,14 +46,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qpf.config import MATMUL_PRECISIONS, one_of, positive_int, rate, require
-from qpf.models.contract import ModelOutput, applies_matmul_precision
+from qpf.config import NumericsConfig, one_of, positive_int, rate, require
+from qpf.models.contract import DTYPES, ModelOutput, applies_matmul_precision, kv_cache_state
 from qpf.models.family import ModelFamily, Preset, State
 from qpf.ops import wave as wv
 
 Array = jax.Array
 
-DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 ATTENTIONS = ("interference", "pure_wave")
 WAVE_MODES = ("quadratic", "linear")
 LN_EPS = 1e-5
@@ -62,7 +61,7 @@ normal_002 = nn.initializers.normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
-class WaveGPTConfig:
+class WaveGPTConfig(NumericsConfig):
     """A Wave-Native GPT.
 
     dim (the original's d_model) must be a multiple of num_heads. num_waves W: waves per
@@ -90,12 +89,9 @@ class WaveGPTConfig:
     kernel: str = "elu_plus_one"
     wave_mode: str = "quadratic"
     linear_chunk: int = 64
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    matmul_precision: str = "default"
 
     def __post_init__(self) -> None:
-        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
+        super().__post_init__()
         positive_int(
             self,
             "vocab_size",
@@ -111,8 +107,6 @@ class WaveGPTConfig:
         one_of(self, "attention", ATTENTIONS)
         one_of(self, "kernel", wv.KERNELS)
         one_of(self, "wave_mode", WAVE_MODES)
-        one_of(self, "dtype", tuple(DTYPES))
-        one_of(self, "param_dtype", tuple(DTYPES))
         require(self.dim % self.num_heads == 0, self, "num_heads", f"a divisor of dim={self.dim}")
         require(
             not (self.linear and self.kernel == "identity"),
@@ -135,9 +129,6 @@ class WaveGPTConfig:
     def linear(self) -> bool:
         return self.attention == "pure_wave" and self.wave_mode == "linear"
 
-    def replace(self, **changes: Any) -> WaveGPTConfig:
-        return dataclasses.replace(self, **changes)
-
 
 def init_state(config: WaveGPTConfig, batch_size: int, max_len: int | None = None) -> State:
     """Empty decoding state at position 0 (KV cache of ``max_len`` slots, or running sums)."""
@@ -151,14 +142,8 @@ def init_state(config: WaveGPTConfig, batch_size: int, max_len: int | None = Non
             "s": jnp.zeros((*lb, c.num_heads, c.num_waves, c.head_dim), acc),
             "z": jnp.zeros((*lb, c.num_heads, c.num_waves), acc),
         }
-    length = c.max_len if max_len is None else max_len
-    if length < 1:
-        raise ValueError(f"init_state: max_len must be >= 1, got {length}")
-    return {
-        "pos": pos,
-        "k": jnp.zeros((*lb, length, c.num_heads, c.num_waves), acc),
-        "v": jnp.zeros((*lb, length, c.num_heads, c.head_dim), DTYPES[c.dtype]),
-    }
+    keys, values = (c.num_heads, c.num_waves), (c.num_heads, c.head_dim)
+    return kv_cache_state(c, batch_size, max_len, keys, values, acc, DTYPES[c.dtype])
 
 
 class LayerNorm(nn.Module):
