@@ -73,7 +73,10 @@ def main() -> None:
         out[name] = {
             "loss": float(metrics["loss"]),
             "update": [u.ravel().tolist() for u in jax.tree.leaves(update)],
-        }
+            # The update is read off float32 parameters: it is exact to their ulp only.
+            "ulp": [np.spacing(np.abs(np.asarray(p))).ravel().tolist()
+                    for p in jax.tree.leaves(new_state.params)],
+        }  # fmt: skip
 
     one = jax.jit(make_train_step(module, tx, loss_cfg, seed=0))
     record("one", *one(jax.device_put(state, jax.devices()[0]), batch))

@@ -39,17 +39,20 @@ def _assert_same_step(got: dict, want: dict) -> None:
     """Same loss and SGD update (= -gradient) as the one-device step.
 
     Only the order of the cross-device (and micro-batch) sums differs. Measured: loss
-    relative error 0 (dp, accum 1) and 7e-8 (accum 2); update error at most 1.9e-6 of each
-    leaf's largest entry. Bounds: 1e-6 and 1e-5 (5x margin; a lost or doubled shard, or a
-    gradient scaled by the device count, is off by O(1)).
+    relative error 0 (dp, accum 1) and 2e-7 (accum 2); update error at most 1.9e-6 (Intel
+    CI runner) and 2.1e-5 (AMD EPYC, 2026-12-03) of each leaf's largest entry beyond the
+    ulp. Bounds: 1e-6 and 1e-4 (5x margin; a lost or doubled shard, or a gradient scaled
+    by the device count, is off by O(1)), plus one float32 ulp of the new parameter, the
+    resolution the update is read at.
     """
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
     assert len(got["update"]) == len(want["update"])
-    for g, w in zip(got["update"], want["update"]):
+    for g, w, ulp in zip(got["update"], want["update"], want["ulp"]):
         g, w = np.asarray(g), np.asarray(w)
         scale = float(np.abs(w).max())
         assert scale > 0, "a parameter got no gradient"
-        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale)
+        err = np.abs(g - w)
+        assert np.all(err <= 1e-4 * scale + np.asarray(ulp)), (err.max(), scale)
 
 
 @pytest.mark.slow
