@@ -47,7 +47,21 @@ FAMILY_TESTS = "test_families.py"
 
 # The heaviest files, by measured wall time (``--durations``, 2 cores, cold compile cache),
 # heaviest first; the family cases follow them, then every other file in collection order.
-HEAVY_FIRST: tuple[str, ...] = ()
+HEAVY_FIRST: tuple[str, ...] = (
+    "test_trainer.py",
+    "test_phase_field.py",
+    "test_torch_weights.py",
+    "test_scan.py",
+    "test_matrix_state.py",
+    "test_generation.py",
+    "test_qllm.py",
+    "test_qllm_v2_training.py",
+    "test_faults.py",
+    "test_qllm_v2.py",
+    "test_step.py",
+    "test_qllm_v3.py",
+    "test_report.py",
+)
 
 
 def schedule_scope(nodeid: str) -> str:
