@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from family_checks import dead_gradients, mismatch, piecewise_logits
+from family_checks import dead_gradients, mismatch, perturb_params, piecewise_logits
 from tiny_configs import ALL_BANKS
 
 from qpf import config as cfgs
 from qpf.models import QPFModel, init_state
+from qpf.models.phase_field import segment_resets
+from qpf.presets import TEST_V5_PRESET
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 
 
@@ -152,3 +156,52 @@ def test_bfloat16_compute_stays_close_to_float32():
     err = np.abs(np.asarray(bf16.logits, np.float32) - np.asarray(f32))
     assert err.max() < 0.15, err.max()
     assert err.mean() < 0.02, err.mean()
+
+
+# ----------------------------------------------------------------------------- documents
+
+_V5_BACKBONE = TEST_V5_PRESET.model.backbone
+
+
+def _segment_case(name: str) -> cfgs.ModelConfig:
+    """Configs whose every component resets at document starts (``segment_resets``)."""
+    if name == "v4-all-banks":  # faithful stack, every bank, both memories (chunked regime)
+        return small_config("token")
+    if name == "v5-chunked-scan":  # test-v5's options (conv, RG-LRU, Griffin...) on tokens
+        backbone = dataclasses.replace(_V5_BACKBONE, scan_type="chunked", chunk_size=5)
+        return small_config("token", banks=TEST_V5_PRESET.model.banks, backbone=backbone)
+    return small_config("morphological", regime="sliding", backbone=_V5_BACKBONE)
+
+
+@pytest.mark.parametrize("name", ["v4-all-banks", "v5-chunked-scan", "morph-v5-sliding"])
+def test_second_packed_document_equals_it_alone(name):
+    """A window holding two documents (ids 0 then 1 from position 7): the second one's
+    logits equal those of it alone, the first one's those of the window's prefix; all-zero
+    ids equal none. Perturbed parameters, so no zero-initialised branch hides a leak."""
+    config = _segment_case(name)
+    assert segment_resets(config) == ""
+    model, params, tokens = build(config, batch=2, t=16)
+    params = perturb_params(params)
+    split = 7
+    seg = jnp.broadcast_to(jnp.arange(16) >= split, (2, 16)).astype(jnp.int32)
+    run = jax.jit(lambda x, g: model.apply({"params": params}, x, segment_ids=g).logits)
+    plain = jax.jit(lambda x: model.apply({"params": params}, x).logits)
+    packed = run(tokens, seg)
+    assert not (err := mismatch(packed[:, split:], plain(tokens[:, split:]), 1e-4, 1e-5)), err
+    assert not (err := mismatch(packed[:, :split], plain(tokens)[:, :split], 1e-4, 1e-5)), err
+    assert mismatch(plain(tokens)[:, split:], plain(tokens[:, split:]), 1e-4, 1e-5)  # control
+    zeros = run(tokens, jnp.zeros((2, 16), jnp.int32))
+    np.testing.assert_allclose(zeros, plain(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_unwired_components_refuse_segment_ids():
+    byte = small_config("byte_patch")
+    assert "byte_patch" in segment_resets(byte)
+    assert "original" in segment_resets(small_config("token", regime="original"))
+    model, params, tokens = build(byte, batch=1, t=6)
+    with pytest.raises(ValueError, match="byte_patch"):
+        model.apply({"params": params}, tokens, segment_ids=jnp.zeros((1, 6), jnp.int32))
+    model, params, tokens = build(small_config("token"), batch=1, t=6)
+    state = init_state(model.config, 1)
+    with pytest.raises(ValueError, match="full forwards"):
+        model.apply({"params": params}, tokens, state, segment_ids=jnp.zeros((1, 6), jnp.int32))

@@ -29,3 +29,16 @@ def segment_positions(segment_ids: Array) -> Array:
     t = jnp.arange(seg.shape[1], dtype=jnp.int32)[None, :]
     start = jax.lax.cummax(jnp.where(segment_starts(seg), t, 0), axis=1)
     return t - start
+
+
+def same_segment_lagged(segment_ids: Array, lag: int) -> Array:
+    """bool ``[B, T]``: whether position t - lag is in t's document (a causal tap may read it).
+
+    Positions before 0 (a carried window) count as the first position's document.
+    """
+    seg = jnp.asarray(segment_ids)
+    if lag == 0:
+        return jnp.ones(seg.shape, bool)
+    t = seg.shape[1]
+    earlier = jnp.concatenate([jnp.repeat(seg[:, :1], lag, axis=1), seg], axis=1)[:, :t]
+    return earlier == seg
