@@ -170,7 +170,8 @@ def _segment_case(name: str) -> cfgs.ModelConfig:
     if name == "v5-chunked-scan":  # test-v5's options (conv, RG-LRU, Griffin...) on tokens
         backbone = dataclasses.replace(_V5_BACKBONE, scan_type="chunked", chunk_size=5)
         return small_config("token", banks=TEST_V5_PRESET.model.banks, backbone=backbone)
-    return small_config("morphological", regime="sliding", backbone=_V5_BACKBONE)
+    banks = TEST_V5_PRESET.model.banks  # the context bank: the one with a window
+    return small_config("morphological", banks=banks, regime="sliding", backbone=_V5_BACKBONE)
 
 
 @pytest.mark.parametrize("name", ["v4-all-banks", "v5-chunked-scan", "morph-v5-sliding"])
@@ -180,28 +181,36 @@ def test_second_packed_document_equals_it_alone(name):
     ids equal none. Perturbed parameters, so no zero-initialised branch hides a leak."""
     config = _segment_case(name)
     assert segment_resets(config) == ""
-    model, params, tokens = build(config, batch=2, t=16)
-    params = perturb_params(params)
+    model = QPFModel(config)
+    tokens = random_tokens(config, 2, 16)
+    params = perturb_params(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     split = 7
     seg = jnp.broadcast_to(jnp.arange(16) >= split, (2, 16)).astype(jnp.int32)
     run = jax.jit(lambda x, g: model.apply({"params": params}, x, segment_ids=g).logits)
     plain = jax.jit(lambda x: model.apply({"params": params}, x).logits)
-    packed = run(tokens, seg)
-    assert not (err := mismatch(packed[:, split:], plain(tokens[:, split:]), 1e-4, 1e-5)), err
-    assert not (err := mismatch(packed[:, :split], plain(tokens)[:, :split], 1e-4, 1e-5)), err
-    assert mismatch(plain(tokens)[:, split:], plain(tokens[:, split:]), 1e-4, 1e-5)  # control
+    packed, whole = run(tokens, seg), plain(tokens)
+    # The second document alone, padded back to 16 tokens (causal: the padding after it
+    # changes none of its logits) so that the compiled forward is reused.
+    alone = plain(jnp.concatenate([tokens[:, split:], tokens[:, :split]], axis=1))[:, : 16 - split]
+    assert not (err := mismatch(packed[:, split:], alone, 1e-4, 1e-5)), err
+    assert not (err := mismatch(packed[:, :split], whole[:, :split], 1e-4, 1e-5)), err
+    assert mismatch(whole[:, split:], alone, 1e-4, 1e-5)  # control: without ids it differs
     zeros = run(tokens, jnp.zeros((2, 16), jnp.int32))
-    np.testing.assert_allclose(zeros, plain(tokens), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(zeros, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_unwired_components_refuse_segment_ids():
     byte = small_config("byte_patch")
     assert "byte_patch" in segment_resets(byte)
     assert "original" in segment_resets(small_config("token", regime="original"))
-    model, params, tokens = build(byte, batch=1, t=6)
+    seg = jnp.zeros((1, 6), jnp.int32)
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    # Traced only (eval_shape): the check comes first in the call.
     with pytest.raises(ValueError, match="byte_patch"):
-        model.apply({"params": params}, tokens, segment_ids=jnp.zeros((1, 6), jnp.int32))
-    model, params, tokens = build(small_config("token"), batch=1, t=6)
-    state = init_state(model.config, 1)
+        jax.eval_shape(lambda: QPFModel(byte).init(jax.random.key(0), tokens, segment_ids=seg))
+    token = small_config("token")
+    state = init_state(token, 1)
     with pytest.raises(ValueError, match="full forwards"):
-        model.apply({"params": params}, tokens, state, segment_ids=jnp.zeros((1, 6), jnp.int32))
+        jax.eval_shape(
+            lambda: QPFModel(token).init(jax.random.key(0), tokens, state, segment_ids=seg)
+        )
