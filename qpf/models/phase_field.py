@@ -40,9 +40,9 @@ def segment_resets(config: cfgs.ModelConfig) -> str:
     Honoured: token and morphological input, every bank (the context window stops at a
     document start; the others are position-wise), the coupler and global memory
     (position-wise), the oscillatory SSM backbone with every v4/v5 option (recurrence and
-    causal convolution reset), episodic memory in the 'chunked' and 'sliding' regimes.
-    Not wired: byte patches (a document may start inside a patch) and the matrix-state
-    backbone.
+    causal convolution reset), the matrix-state backbone (memories and local attention),
+    episodic memory in the 'chunked' and 'sliding' regimes. Not wired: byte patches (a
+    document may start inside a patch).
     """
     why = []
     if config.input_mode == "byte_patch":
@@ -50,8 +50,6 @@ def segment_resets(config: cfgs.ModelConfig) -> str:
             "input_mode 'byte_patch' (a document may start inside a patch; use "
             "input_mode='token' with the byte vocabulary)"
         )
-    if config.backbone.type != "oscillatory_ssm":
-        why.append(f"backbone {config.backbone.type!r} (only 'oscillatory_ssm' resets)")
     if config.episodic is not None and config.episodic.regime == "original":
         why.append("episodic regime 'original' (use 'chunked' or 'sliding')")
     return "; ".join(why)
@@ -253,9 +251,8 @@ class QPFModel(nn.Module):
         else:
             coupling = jnp.zeros((), p2d.acc_dtype(x.dtype))
         inter["coupled"] = coupled
-        seg_kw = {} if segment_ids is None else {"segment_ids": segment_ids}
         h, new_state["backbone"] = self.backbone(
-            coupled, state["backbone"], deterministic=deterministic, **seg_kw
+            coupled, state["backbone"], deterministic=deterministic, segment_ids=segment_ids
         )
         inter["backbone_out"] = h
         if c.memory is not None:
