@@ -14,7 +14,7 @@ from tiny_configs import ALL_BANKS
 from qpf import config as cfgs
 from qpf.models import QPFModel, init_state
 from qpf.models.phase_field import segment_resets
-from qpf.presets import TEST_V5_PRESET
+from qpf.presets import TEST_MATRIX_PRESETS, TEST_V5_PRESET
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 
 
@@ -170,11 +170,16 @@ def _segment_case(name: str) -> cfgs.ModelConfig:
     if name == "v5-chunked-scan":  # test-v5's options (conv, RG-LRU, Griffin...) on tokens
         backbone = dataclasses.replace(_V5_BACKBONE, scan_type="chunked", chunk_size=5)
         return small_config("token", banks=TEST_V5_PRESET.model.banks, backbone=backbone)
+    if name == "matrix-hybrid":  # the matrix-state backbone with local attention, tokens
+        backbone = TEST_MATRIX_PRESETS["test-matrix-hybrid"].model.backbone
+        return small_config("token", banks=TEST_V5_PRESET.model.banks, backbone=backbone)
     banks = TEST_V5_PRESET.model.banks  # the context bank: the one with a window
     return small_config("morphological", banks=banks, regime="sliding", backbone=_V5_BACKBONE)
 
 
-@pytest.mark.parametrize("name", ["v4-all-banks", "v5-chunked-scan", "morph-v5-sliding"])
+@pytest.mark.parametrize(
+    "name", ["v4-all-banks", "v5-chunked-scan", "morph-v5-sliding", "matrix-hybrid"]
+)
 def test_second_packed_document_equals_it_alone(name):
     """A window holding two documents (ids 0 then 1 from position 7): the second one's
     logits equal those of it alone, the first one's those of the window's prefix; all-zero
