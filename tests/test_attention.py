@@ -127,3 +127,13 @@ def test_chunked_rule_window_spans_64_to_127_previous_tokens():
 def test_unknown_rule_raises():
     with pytest.raises(ValueError, match="rule"):
         visible(jnp.zeros(1), jnp.zeros(1), 4, "bogus")
+
+
+def test_an_id_that_comes_back_is_a_new_document():
+    q, k, v = qkv(9, seed=4)
+    reused = jnp.asarray([[0, 0, 0, 1, 1, 0, 0, 0, 0]] * 2, jnp.int32)
+    fresh = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2, 2]] * 2, jnp.int32)
+    for rule in ("sliding", "local"):
+        a, _ = attend(q, k, v, 0, window=4, rule=rule, segment_ids=reused)
+        b, _ = attend(q, k, v, 0, window=4, rule=rule, segment_ids=fresh)
+        np.testing.assert_array_equal(a, b)

@@ -291,3 +291,25 @@ def test_scan_and_parity_subset_passes_at_the_default_xla_optimisation_level():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *subset]
     out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_segment_helpers_against_loops():
+    from qpf.ops import segments
+
+    seg = np.array([[0, 0, 1, 1, 1, 2, 2], [3, 3, 3, 3, 5, 5, 3]], np.int32)
+    starts = np.zeros(seg.shape, bool)
+    pos = np.zeros(seg.shape, np.int32)
+    for r in range(2):
+        for t in range(1, 7):
+            starts[r, t] = seg[r, t] != seg[r, t - 1]
+            pos[r, t] = 0 if starts[r, t] else pos[r, t - 1] + 1
+    np.testing.assert_array_equal(segments.segment_starts(seg), starts)
+    np.testing.assert_array_equal(segments.segment_positions(seg), pos)
+    np.testing.assert_array_equal(segments.document_index(seg), np.cumsum(starts, 1))
+    # Same document: no start in (t - lag, t]. Row 1's id 3 comes back at t = 6 as a new
+    # document, so at lag 3 it is not the document of t = 3 (id 3 too).
+    for lag in (0, 1, 3):
+        want = np.array(
+            [[not starts[r, max(t - lag + 1, 1) : t + 1].any() for t in range(7)] for r in range(2)]
+        )
+        np.testing.assert_array_equal(segments.same_segment_lagged(seg, lag), want)

@@ -40,7 +40,7 @@ from qpf.config import one_of, positive_int, require
 from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_head, validate_common
 from qpf.models.contract import ModelOutput, State, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset
-from qpf.ops.segments import segment_positions
+from qpf.ops.segments import document_index, segment_positions
 
 Array = jax.Array
 
@@ -312,7 +312,8 @@ class Transformer(nn.Module):
             if state is not None:
                 raise ValueError("segment_ids are for full forwards (state=None), not decoding")
             positions = segment_positions(segment_ids)  # [B, T]
-            same_doc = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+            doc = document_index(segment_ids)  # an id that comes back is a new document
+            same_doc = (doc[:, :, None] == doc[:, None, :])[:, None]
         if state is not None and t > state["k"].shape[2]:
             raise ValueError(f"chunk of {t} tokens exceeds the cache length {state['k'].shape[2]}")
         if c.positions == "learned" and state is None and t > c.max_len:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from qpf.ops import phase2d as p2d
-from qpf.ops.segments import segment_positions
+from qpf.ops.segments import document_index, segment_positions
 
 Array = jax.Array
 Rule = Literal["chunked", "sliding", "causal", "local"]
@@ -140,7 +140,7 @@ def _segmented(q, kk, vv, start, segment_ids, window, rule, scale) -> Array:
     ``[B, H + T, D]`` (history first) -> ``[B, T, D]``."""
     b, t, dim = q.shape
     span = 2 * window
-    seg = jnp.asarray(segment_ids, jnp.int32)
+    seg = document_index(segment_ids)  # [B, T]: an id that comes back is a new document
     q_pos = start + segment_positions(seg)  # [B, T]
     hist = jnp.broadcast_to(start - span + jnp.arange(span, dtype=jnp.int32), (b, span))
     k_pos = jnp.concatenate([hist, q_pos], axis=1)  # [B, H + T]

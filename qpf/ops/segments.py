@@ -5,7 +5,8 @@
 document). A *reset* at position t (the id changes from t-1 to t) means that nothing from
 before t reaches t: recurrences carry a zero state into t, convolutions take no tap and
 attention sees no key before t. Position 0 is never a reset (it continues the carried
-state, which is zero for a fresh forward).
+state, which is zero for a fresh forward). Only changes of id matter: an id that comes back
+after another is a new document (``document_index`` numbers them in order).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def segment_starts(segment_ids: Array) -> Array:
     return jnp.concatenate([first, seg[:, 1:] != seg[:, :-1]], axis=1)
 
 
+def document_index(segment_ids: Array) -> Array:
+    """int32 ``[B, T]``: 0 for the row's first document, +1 at every reset."""
+    return jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+
+
 def segment_positions(segment_ids: Array) -> Array:
     """int32 ``[B, T]``: t minus the start of t's segment (the first segment starts at 0)."""
     seg = jnp.asarray(segment_ids)
@@ -36,7 +42,7 @@ def same_segment_lagged(segment_ids: Array, lag: int) -> Array:
 
     Positions before 0 (a carried window) count as the first position's document.
     """
-    seg = jnp.asarray(segment_ids)
+    seg = document_index(segment_ids)
     if lag == 0:
         return jnp.ones(seg.shape, bool)
     t = seg.shape[1]
