@@ -16,7 +16,7 @@ import dataclasses
 
 from qpf import config as cfgs
 from qpf.models.family import ModelFamily, Preset
-from qpf.models.phase_field import QPFModel, init_state
+from qpf.models.phase_field import QPFModel, init_state, segment_resets
 
 _BANKS = {
     "semantic": cfgs.SemanticBankConfig(num_concepts=512, num_layers=2),
@@ -216,4 +216,5 @@ QPF_FAMILY = ModelFamily(
         "and the banks amplify rounding); tests/test_phase_field.py bounds it in absolute terms",
     },
     piece_alignment=lambda c: c.byte_patch.patch_size if c.input_mode == "byte_patch" else 1,
+    segment_resets=segment_resets,
 )

@@ -43,7 +43,7 @@ from family_checks import (
 from experiments import train as train_cli
 from qpf.config import ConfigError
 from qpf.models.contract import ModelOutput
-from qpf.models.family import ModelFamily
+from qpf.models.family import ModelFamily, check_segment_resets
 from qpf.training.metrics import read_metrics
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 from qpf.training.step import TrainState, make_train_step
@@ -170,6 +170,31 @@ def test_decoding_in_pieces_equals_one_pass(spec):
     # Negative control: restarting every piece from the zero state must disagree.
     dropped, _ = piecewise_logits(step, b.tokens, state0, pieces_at, carry=False)
     assert mismatch(dropped, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", CASES)
+def test_segment_resets_second_document_equals_it_alone(spec):
+    """Two documents packed in one window (segment ids 0 then 1 from ``split``): the second
+    one's logits equal those of it run alone; all-zero ids equal no ids. A family that
+    declares no resets (``ModelFamily.segment_resets``) must refuse with a ConfigError."""
+    family, preset = resolve_model(spec)
+    if reason := family.segment_resets(preset.model):  # checked before building: cheap
+        with pytest.raises(ConfigError, match=f"{family.name}.*segment_ids=false"):
+            check_segment_resets(family, preset.model)
+        pytest.skip(f"{spec} declares no document resets: {reason}")
+    b = built(spec)
+    align = b.family.piece_alignment(b.config)  # a byte-patch document starts on a patch
+    split = 7 if align == 1 else 2 * align
+    t = jnp.arange(T)[None, :]
+    seg_apply = jax.jit(lambda p, x, g: b.module.apply({"params": p}, x, segment_ids=g))
+    packed = seg_apply(b.perturbed, b.tokens, jnp.broadcast_to(t >= split, b.tokens.shape))
+    alone = b.apply(b.perturbed, b.tokens[:, split:], None).logits
+    assert not (err := mismatch(packed.logits[:, split:], alone, rtol=1e-4, atol=1e-5)), err
+    # Negative control: without the ids the second document sees the first.
+    assert mismatch(b.apply(b.perturbed, b.tokens, None).logits[:, split:], alone, 1e-4, 1e-5)
+    zero = seg_apply(b.perturbed, b.tokens, jnp.zeros(b.tokens.shape, jnp.int32)).logits
+    plain = b.apply(b.perturbed, b.tokens, None).logits
+    np.testing.assert_allclose(zero, plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec", CASES)

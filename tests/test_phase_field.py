@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from family_checks import dead_gradients, mismatch, piecewise_logits
+from family_checks import dead_gradients, mismatch, perturb_params, piecewise_logits
 from tiny_configs import ALL_BANKS
 
 from qpf import config as cfgs
 from qpf.models import QPFModel, init_state
+from qpf.models.phase_field import segment_resets
+from qpf.presets import TEST_MATRIX_PRESETS, TEST_V5_PRESET
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 
 
@@ -152,3 +156,66 @@ def test_bfloat16_compute_stays_close_to_float32():
     err = np.abs(np.asarray(bf16.logits, np.float32) - np.asarray(f32))
     assert err.max() < 0.15, err.max()
     assert err.mean() < 0.02, err.mean()
+
+
+# ----------------------------------------------------------------------------- documents
+
+_V5_BACKBONE = TEST_V5_PRESET.model.backbone
+
+
+def _segment_case(name: str) -> cfgs.ModelConfig:
+    """Configs whose every component resets at document starts (``segment_resets``)."""
+    if name == "v4-all-banks":  # faithful stack, every bank, both memories (chunked regime)
+        return small_config("token")
+    if name == "v5-chunked-scan":  # test-v5's options (conv, RG-LRU, Griffin...) on tokens
+        backbone = dataclasses.replace(_V5_BACKBONE, scan_type="chunked", chunk_size=5)
+        return small_config("token", banks=TEST_V5_PRESET.model.banks, backbone=backbone)
+    if name == "matrix-hybrid":  # the matrix-state backbone with local attention, tokens
+        backbone = TEST_MATRIX_PRESETS["test-matrix-hybrid"].model.backbone
+        return small_config("token", banks=TEST_V5_PRESET.model.banks, backbone=backbone)
+    banks = TEST_V5_PRESET.model.banks  # the context bank: the one with a window
+    return small_config("morphological", banks=banks, regime="sliding", backbone=_V5_BACKBONE)
+
+
+@pytest.mark.parametrize(
+    "name", ["v4-all-banks", "v5-chunked-scan", "morph-v5-sliding", "matrix-hybrid"]
+)
+def test_second_packed_document_equals_it_alone(name):
+    """A window holding two documents (ids 0 then 1 from position 7): the second one's
+    logits equal those of it alone, the first one's those of the window's prefix; all-zero
+    ids equal none. Perturbed parameters, so no zero-initialised branch hides a leak."""
+    config = _segment_case(name)
+    assert segment_resets(config) == ""
+    model = QPFModel(config)
+    tokens = random_tokens(config, 2, 16)
+    params = perturb_params(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
+    split = 7
+    seg = jnp.broadcast_to(jnp.arange(16) >= split, (2, 16)).astype(jnp.int32)
+    run = jax.jit(lambda x, g: model.apply({"params": params}, x, segment_ids=g).logits)
+    plain = jax.jit(lambda x: model.apply({"params": params}, x).logits)
+    packed, whole = run(tokens, seg), plain(tokens)
+    # The second document alone, padded back to 16 tokens (causal: the padding after it
+    # changes none of its logits) so that the compiled forward is reused.
+    alone = plain(jnp.concatenate([tokens[:, split:], tokens[:, :split]], axis=1))[:, : 16 - split]
+    assert not (err := mismatch(packed[:, split:], alone, 1e-4, 1e-5)), err
+    assert not (err := mismatch(packed[:, :split], whole[:, :split], 1e-4, 1e-5)), err
+    assert mismatch(whole[:, split:], alone, 1e-4, 1e-5)  # control: without ids it differs
+    zeros = run(tokens, jnp.zeros((2, 16), jnp.int32))
+    np.testing.assert_allclose(zeros, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_unwired_components_refuse_segment_ids():
+    byte = small_config("byte_patch")
+    assert "byte_patch" in segment_resets(byte)
+    assert "original" in segment_resets(small_config("token", regime="original"))
+    seg = jnp.zeros((1, 6), jnp.int32)
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    # Traced only (eval_shape): the check comes first in the call.
+    with pytest.raises(ValueError, match="byte_patch"):
+        jax.eval_shape(lambda: QPFModel(byte).init(jax.random.key(0), tokens, segment_ids=seg))
+    token = small_config("token")
+    state = init_state(token, 1)
+    with pytest.raises(ValueError, match="full forwards"):
+        jax.eval_shape(
+            lambda: QPFModel(token).init(jax.random.key(0), tokens, state, segment_ids=seg)
+        )

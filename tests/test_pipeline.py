@@ -124,6 +124,57 @@ def test_pad_windows_per_document():
     assert (out["tokens"][2, :4] == ord("z")).all()
 
 
+def _segments_reference(tokens: np.ndarray, mask: np.ndarray, eos: int) -> np.ndarray:
+    """A loop: each row starts at 0 and every EOS (after the first token) opens a new id."""
+    out = np.zeros(tokens.shape, np.int32)
+    for r in range(tokens.shape[0]):
+        for t in range(1, tokens.shape[1]):
+            out[r, t] = out[r, t - 1] + int(bool(mask[r, t]) and tokens[r, t] == eos)
+    return out
+
+
+def test_segment_ids_open_at_eos():
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(4)
+    docs = ["".join(rng.choice(list("abc "), int(n))) for n in rng.integers(1, 12, 11)]
+    docs.insert(3, "")  # an empty document has no EOS and opens nothing
+    stream = tokenize_docs(docs, tok)
+    pad = pad_row(tok, False)
+    starts, lengths = pack_windows(len(stream), T)
+    out = gather(stream, starts, lengths, T, pad, with_segments=True)
+    assert out["segment_ids"].dtype == np.int32
+    ref = _segments_reference(out["tokens"], out["mask"], tok.eos_id)
+    np.testing.assert_array_equal(out["segment_ids"], ref)
+    assert out["segment_ids"].max() >= 2  # some windows hold three documents
+    # Short (eval) windows: padded positions repeat the last real id; an all-masked row is 0.
+    s, n = np.array([5, 0]), np.array([7, 0])
+    short = gather(stream, s, n, T, pad, with_segments=True)
+    ref = _segments_reference(short["tokens"], short["mask"], tok.eos_id)
+    np.testing.assert_array_equal(short["segment_ids"][:, :7], ref[:, :7])
+    assert (short["segment_ids"][0, 7:] == ref[0, 6]).all()
+    assert not short["segment_ids"][1].any()
+    assert "segment_ids" not in gather(stream, starts, lengths, T, pad)
+
+
+def test_segment_ids_in_batches(text_corpus, tmp_path):
+    plain = build_datasets(_cfg(text_corpus, tmp_path, seed=2))
+    seg = build_datasets(_cfg(text_corpus, tmp_path, seed=2, segment_ids=True))
+    a, b = next(plain.train), next(seg.train)
+    assert set(a) == {"tokens", "mask"}  # off by default: batches exactly as before
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    eos = ByteTokenizer().eos_id
+    np.testing.assert_array_equal(
+        b["segment_ids"], _segments_reference(b["tokens"], b["mask"], eos)
+    )
+    ev = next(seg.eval_batches())
+    ref = _segments_reference(ev["tokens"], ev["mask"], eos)
+    np.testing.assert_array_equal(ev["segment_ids"], ref)
+    pad = build_datasets(_cfg(text_corpus, tmp_path, mode="pad", segment_ids=True))
+    assert not next(pad.train)["segment_ids"].any()  # pad windows never cross a document
+    with pytest.raises(ConfigError, match="segment_ids"):
+        DataConfig(segment_ids=1)
+
+
 def test_eval_windows_cover_each_target_once():
     for n in (2, 15, 16, 17, 31, 100):
         starts, lengths = span_windows(np.array([[0, n]]), T, T - 1)

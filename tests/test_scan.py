@@ -12,6 +12,7 @@ from qpf.ops import scan
 B, N = 3, 5
 # Jitted: eager mode would compile each of associative_scan's many small ops separately.
 osc = jax.jit(scan.oscillatory_scan, static_argnames=("scan_type", "chunk_size", "unroll"))
+
 lin = jax.jit(
     scan.linear_scan, static_argnames=("scan_type", "chunk_size", "unroll", "complex_pairs")
 )
@@ -145,6 +146,91 @@ def test_real_recurrence_and_default_zero_state():
         np.testing.assert_allclose(h_last, want, rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- resets
+
+RESET_BACKENDS = [*BACKENDS, ("sequential", {})]
+
+
+def _resets(t: int, seed: int = 7) -> jax.Array:
+    """Random document starts [B, T] (never at 0), at least one per row when T > 2."""
+    r = jax.random.bernoulli(jax.random.key(seed), 0.2, (B, t)).at[:, 0].set(False)
+    return r.at[:, t // 2].set(t > 2)
+
+
+def numpy_reference_with_resets(gate, bx, damping, skew, h0, resets):
+    """The recurrence in complex128 with h_{t-1} replaced by 0 at each reset."""
+    gate, bx, damping, skew, h0 = (np.asarray(x, np.float64) for x in (gate, bx, damping, skew, h0))
+    g = 1 / (1 + np.exp(-gate))
+    a = (1 - g) * (0.5 + 0.5 / (1 + np.exp(-damping))) * ((1 - skew**2) + 2j * skew) / (1 + skew**2)
+    b = g * (bx[:, :, 0] + 1j * bx[:, :, 1])
+    h, hs = h0[:, 0] + 1j * h0[:, 1], []
+    for t in range(gate.shape[1]):
+        h = a[:, t] * np.where(np.asarray(resets)[:, t, None], 0.0, h) + b[:, t]
+        hs.append(h)
+    hs = np.stack(hs, 1)
+    return np.stack([hs.real, hs.imag], 2), np.stack([h.real, h.imag], 1)
+
+
+@pytest.mark.parametrize(("backend", "kw"), RESET_BACKENDS)
+@pytest.mark.parametrize("t", [1, 13])
+def test_resets_match_numpy_complex_every_backend(backend, kw, t):
+    args, resets = inputs(t, seed=2), _resets(t)
+    h, h_last = osc(*args, resets=resets, scan_type=backend, **kw)
+    want_h, want_last = numpy_reference_with_resets(*args, resets)
+    np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h_last, want_last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("backend", "kw"), RESET_BACKENDS)
+def test_resets_none_or_all_false_is_the_plain_scan(backend, kw):
+    args = inputs(11, seed=3)
+    plain = osc(*args, scan_type=backend, **kw)
+    none = osc(*args, resets=None, scan_type=backend, **kw)
+    off = osc(*args, resets=jnp.zeros((B, 11), bool), scan_type=backend, **kw)
+    for x, y, z in zip(plain, none, off):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_allclose(x, z, rtol=1e-6, atol=1e-6)
+
+
+def test_real_recurrence_with_resets_and_gradients_stop_at_the_reset():
+    k = jax.random.split(jax.random.key(4), 2)
+    a = jax.random.uniform(k[0], (2, 11, 3))
+    b = jax.random.normal(k[1], (2, 11, 3))
+    resets = jnp.zeros((2, 11), bool).at[0, 4].set(True).at[1, 9].set(True)
+    want, rows = np.zeros((2, 3)), []
+    for t in range(11):
+        want = np.where(np.asarray(resets[:, t, None]), 0.0, np.asarray(a[:, t]) * want)
+        want = want + np.asarray(b[:, t])
+        rows.append(want)
+    for backend in ("sequential", "associative", "chunked"):
+        h, _ = lin(a, b, resets=resets, scan_type=backend, chunk_size=4, complex_pairs=False)
+        np.testing.assert_allclose(h, np.stack(rows, 1), rtol=1e-5, atol=1e-6)
+
+        # Nothing after row 0's reset at t = 4 depends on b before it.
+        def after_reset(b, backend=backend):
+            kw = {"scan_type": backend, "chunk_size": 4, "complex_pairs": False}
+            return lin(a, b, resets=resets, **kw)[0][0, 4:].sum()
+
+        g = np.asarray(jax.grad(after_reset)(b))
+        assert not g[0, :4].any()
+        assert g[0, 4:].all()
+
+
+def test_fused_backend_falls_back_to_chunked_with_resets(monkeypatch):
+    monkeypatch.setattr(scan, "SCAN_BACKENDS", {})
+    calls = []
+    scan.register_scan_backend("pallas", lambda *args: calls.append(args) or ("h", "last"))
+    args, resets = inputs(9, seed=5), _resets(9)
+    fused = jax.jit(
+        lambda *a, r: scan.oscillatory_scan(*a, resets=r, scan_type="pallas", chunk_size=4)
+    )
+    h, _ = fused(*args, r=resets)  # traced here, under the monkeypatched registry
+    assert not calls  # the kernel takes no resets: the chunked form ran
+    want = osc(*args, resets=resets, scan_type="chunked", chunk_size=4)
+    np.testing.assert_allclose(h, want[0], rtol=1e-6, atol=1e-6)
+    assert scan.oscillatory_scan(*args, scan_type="pallas") == ("h", "last")
+
+
 def test_bad_arguments_raise_clear_errors():
     a = jnp.ones((1, 4, 2, 3))
     with pytest.raises(ValueError, match="scan_type"):
@@ -205,3 +291,25 @@ def test_scan_and_parity_subset_passes_at_the_default_xla_optimisation_level():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *subset]
     out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_segment_helpers_against_loops():
+    from qpf.ops import segments
+
+    seg = np.array([[0, 0, 1, 1, 1, 2, 2], [3, 3, 3, 3, 5, 5, 3]], np.int32)
+    starts = np.zeros(seg.shape, bool)
+    pos = np.zeros(seg.shape, np.int32)
+    for r in range(2):
+        for t in range(1, 7):
+            starts[r, t] = seg[r, t] != seg[r, t - 1]
+            pos[r, t] = 0 if starts[r, t] else pos[r, t - 1] + 1
+    np.testing.assert_array_equal(segments.segment_starts(seg), starts)
+    np.testing.assert_array_equal(segments.segment_positions(seg), pos)
+    np.testing.assert_array_equal(segments.document_index(seg), np.cumsum(starts, 1))
+    # Same document: no start in (t - lag, t]. Row 1's id 3 comes back at t = 6 as a new
+    # document, so at lag 3 it is not the document of t = 3 (id 3 too).
+    for lag in (0, 1, 3):
+        want = np.array(
+            [[not starts[r, max(t - lag + 1, 1) : t + 1].any() for t in range(7)] for r in range(2)]
+        )
+        np.testing.assert_array_equal(segments.same_segment_lagged(seg, lag), want)

@@ -10,11 +10,15 @@ import pytest
 from tiny_configs import deterministic_qpf
 
 from qpf import config as cfgs
+from qpf.config import ConfigError
+from qpf.data import DataConfig
 from qpf.models.phase_field import QPFModel
 from qpf.training import step as step_module
+from qpf.training.config import RunConfig, TrainConfig
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 from qpf.training.optim import OptimConfig, make_optimizer
-from qpf.training.step import init_train_state, make_eval_step, make_train_step
+from qpf.training.step import TrainState, init_train_state, make_eval_step, make_train_step
+from qpf.zoo import resolve_model
 
 CFG = deterministic_qpf(
     31,
@@ -162,3 +166,39 @@ def test_micro_batches_are_strided_rows():
     for i in range(3):
         np.testing.assert_array_equal(micro["tokens"][i], batch["tokens"][i::3])
         np.testing.assert_array_equal(micro["mask"][i], batch["mask"][i::3])
+
+
+def test_batch_segment_ids_reach_the_model_in_train_and_eval_steps():
+    """The steps pass a batch's ``segment_ids`` (split into strided micro-batches like every
+    array): the loss is that of the model called with them, and differs from without."""
+    ce_only = LossConfig(coherence=0.0, coupling=0.0)
+    module, state, step, batch = _setup(2, sgd=True, loss_cfg=ce_only)
+    seg = jnp.zeros((4, 7), jnp.int32).at[:, 3:].set(1).at[1, 5:].set(2)
+    _, m = step(state, {**batch, "segment_ids": seg})
+    out = jax.jit(lambda p, x, g: module.apply({"params": p}, x, segment_ids=g))(
+        state.params, batch["tokens"], seg
+    )
+    terms = objective_terms(out, batch["tokens"], batch["mask"], ce_only)
+    np.testing.assert_allclose(float(m["loss"]), float(total_loss(terms, ce_only)), rtol=1e-5)
+    plain = objective_terms(jax.jit(module.apply)({"params": state.params}, batch["tokens"]),
+                            batch["tokens"], batch["mask"], ce_only)  # fmt: skip
+    assert abs(float(total_loss(plain, ce_only)) - float(m["loss"])) > 1e-5  # ~8e-5 measured
+    ev = jax.jit(make_eval_step(module, ce_only))
+    got = ev(state.params, {**batch, "segment_ids": seg, "target_bytes": batch["tokens"] * 0})
+    np.testing.assert_allclose(float(got["ce_sum"]), float(terms["ce_sum"]), rtol=1e-5)
+
+
+def test_a_family_without_document_resets_refuses_segment_ids():
+    family, preset = resolve_model("wavegpt:test")
+    module = family.build(preset.model)
+    tx = optax.sgd(0.1)
+    step = make_train_step(module, tx, LossConfig(), seed=0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state=tx.init({}))
+    batch = {"tokens": jnp.zeros((2, 5), jnp.int32), "mask": jnp.ones((2, 5), bool)}
+    with pytest.raises(ConfigError, match=r"'wavegpt'.*segment_ids=false"):
+        jax.eval_shape(step, state, {**batch, "segment_ids": jnp.zeros((2, 5), jnp.int32)})
+    data = DataConfig(segment_ids=True)
+    with pytest.raises(ConfigError, match=r"'wavegpt'.*segment_ids=false"):
+        RunConfig("wavegpt:test", preset.model, data, OptimConfig(), LossConfig(), TrainConfig())
+    family, preset = resolve_model("diagrnn:test")  # a family that resets: accepted
+    RunConfig("diagrnn:test", preset.model, data, OptimConfig(), LossConfig(), TrainConfig())

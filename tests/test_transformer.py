@@ -11,7 +11,13 @@ from family_checks import mismatch, piecewise_logits
 
 from qpf import config as cfgs
 from qpf.models.baseline_layers import norm
-from qpf.models.transformer import PRESETS, TRANSFORMER_FAMILY, CausalSelfAttention, init_state
+from qpf.models.family import check_segment_resets
+from qpf.models.transformer import (
+    PRESETS,
+    TRANSFORMER_FAMILY,
+    CausalSelfAttention,
+    init_state,
+)
 from qpf.zoo import resolve_model
 
 # .config(**changes) -> config; .build(config, batch=2, t=13, seed=0) -> (module, params,
@@ -147,3 +153,22 @@ def test_norms_match_the_formulas_in_float32_and_keep_the_compute_dtype(kind):
         y = layer.apply({"params": params}, x.astype(dtype))
         assert y.dtype == jnp.dtype(dtype)
         np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=tol, atol=tol)
+
+
+def test_learned_positions_restart_per_document_and_cudnn_is_refused():
+    """Packed documents (row 0 splits at 4, row 1 at 9) with a learned position table: each
+    document's logits equal those of it alone (positions from 0, attention inside it)."""
+    config = SMALL.config(**VARIANT)
+    module, params, tokens, run = SMALL.build(config, seed=5)
+    params = checks.perturb_params(params)
+    seg = (jnp.arange(13)[None, :] >= jnp.array([[4], [9]])).astype(jnp.int32)
+    packed = jax.jit(lambda p, x, g: module.apply({"params": p}, x, segment_ids=g).logits)(
+        params, tokens, seg
+    )
+    for row, split in ((0, 4), (1, 9)):
+        first = run(params, tokens[row : row + 1, :split], None).logits
+        second = run(params, tokens[row : row + 1, split:], None).logits
+        assert not (err := mismatch(packed[row : row + 1, :split], first, 1e-4, 1e-5)), err
+        assert not (err := mismatch(packed[row : row + 1, split:], second, 1e-4, 1e-5)), err
+    with pytest.raises(cfgs.ConfigError, match="attention_impl='xla'"):
+        check_segment_resets(TRANSFORMER_FAMILY, SMALL.config(attention_impl="cudnn"))

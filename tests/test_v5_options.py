@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,11 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _np_layer(cfg: cfgs.BackboneConfig, p: dict, x: np.ndarray, h0: np.ndarray) -> tuple:
-    """The SSM layer as a plain complex loop over time (no conv, no activation)."""
+def _np_layer(
+    cfg: cfgs.BackboneConfig, p: dict, x: np.ndarray, h0: np.ndarray, resets: Any = None
+) -> tuple:
+    """The SSM layer as a plain complex loop over time (no conv, no activation); ``resets``
+    [B, T] (document starts) zero the state carried into their step."""
     xc, h = _c(x), _c(h0)
     u = np.concatenate(
         [np.asarray(x, np.float64)[..., 0, :], np.asarray(x, np.float64)[..., 1, :]], -1
@@ -72,6 +76,8 @@ def _np_layer(cfg: cfgs.BackboneConfig, p: dict, x: np.ndarray, h0: np.ndarray) 
             i = _sigmoid(_np_dense(u[:, t], p["input_gate"]))
             a = np.exp(lru.RGLRU_C * r * log_mag + 1j * r * phase)
             b = np.sqrt(1 - np.abs(a) ** 2) * i * bx[:, t]
+        if resets is not None:
+            h = np.where(np.asarray(resets)[:, t, None], 0.0, h)
         h = a * h + b
         hs.append(h)
     y = _np_linear(np.stack(hs, 1), p["C"]) + _np_linear(xc, p["D"])
@@ -188,6 +194,55 @@ def test_modrelu_and_modswish_match_numpy_keep_phase_and_are_safe_at_zero():
 
 
 # ------------------------------------------------------------------ causal convolution
+
+
+RESET_CASES = [
+    *[("lru", "rglru", s) for s in ("sequential", "associative", "chunked")],
+    *[("v4", "v4", s) for s in ("sequential", "chunked")],
+]
+
+
+@pytest.mark.parametrize(("ssm", "selectivity", "scan_type"), RESET_CASES)
+def test_recurrences_with_document_resets_match_the_numpy_loop(ssm, selectivity, scan_type):
+    """segment_ids: the state carried into each document start is zero (v4 recurrence via
+    oscillatory_scan, the LRU/RG-LRU via linear_scan), on every backend."""
+    cfg = cfgs.BackboneConfig(
+        state_dim=N, num_layers=1, ssm=ssm, selectivity=selectivity, scan_type=scan_type,
+        chunk_size=4, dropout=0.0,
+    )  # fmt: skip
+    layer = OscillatorySSMLayer(cfg=cfg)
+    x = jax.random.normal(jax.random.key(0), (B, T, 2, D))
+    h0 = 0.5 * jax.random.normal(jax.random.key(2), (B, 2, N))
+    params = _perturb(layer.init(jax.random.key(1), x, h0)["params"], 0.1)
+    seg = (jnp.arange(T)[None, :] >= jnp.array([[3], [6]])).astype(jnp.int32)  # [B, T]
+    y, h_last = jax.jit(layer.apply)({"params": params}, x, h0, True, seg)
+    resets = np.asarray(seg[:, 1:] != seg[:, :-1])
+    resets = np.concatenate([np.zeros((B, 1), bool), resets], 1)
+    y_ref, h_ref = _np_layer(cfg, params, x, h0, resets)
+    np.testing.assert_allclose(_c(y), y_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_c(h_last), h_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_conv_takes_no_tap_across_a_document_start():
+    conv = CausalComplexConv(width=4)
+    x = jax.random.normal(jax.random.key(0), (B, T, 2, D))
+    tail0 = jax.random.normal(jax.random.key(3), (B, 3, 2, D))  # belongs to document 0
+    p = _perturb(conv.init(jax.random.key(1), x, tail0)["params"])
+    seg = np.zeros((B, T), np.int32)
+    seg[:, 2:] = 1
+    seg[-1, 5:] = 2
+    y, _ = conv.apply({"params": p}, x, tail0, jnp.asarray(seg))
+    w = np.asarray(p["kernel_re"], np.float64) + 1j * np.asarray(p["kernel_im"], np.float64)
+    bias = np.asarray(p["bias_re"], np.float64) + 1j * np.asarray(p["bias_im"], np.float64)
+    xc = np.concatenate([_c(tail0), _c(x)], 1)  # stream index t + 3
+    segp = np.concatenate([np.repeat(seg[:, :1], 3, 1), seg], 1)
+    ref = np.zeros((B, T, D), complex)
+    for r in range(B):
+        for t in range(T):
+            ref[r, t] = bias + sum(
+                w[k] * xc[r, t + 3 - k] for k in range(4) if segp[r, t + 3 - k] == seg[r, t]
+            )
+    np.testing.assert_allclose(_c(y), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_causal_conv_matches_numpy_and_streams_with_its_tail():

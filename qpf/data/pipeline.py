@@ -14,6 +14,14 @@ Inside a window the model predicts token t+1 from tokens <= t, so the loss uses
 Evaluation windows advance by ``seq_len - 1`` so that the first token of each window is the
 last of the previous one: every token of the validation stream except the very first (per
 document in ``pad`` mode) is a predicted target exactly once.
+
+Document boundaries (``DataConfig.segment_ids``): batches also carry ``segment_ids`` int32
+[B, T], 0 at each window's first token and +1 at every document start inside the window.
+The EOS separator *opens* the next segment (it plays the next document's BOS), so the
+model reads a document from its EOS with no state from the previous one, while the EOS
+target itself is still predicted from the document it ends. ``pad`` windows never cross a
+document, so their ids are all 0. Models reset recurrences, memories and attention where
+the id changes (see README, "Document boundaries").
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ class DataConfig:
     eval_fraction: held-out tail for corpora without a validation file.
     eval_split: "validation" or "test" (test: wikitext2 only).
     tokenizer_options: (name, value) pairs of ``MorphConfig`` for the morphological tokenizer.
+    segment_ids: batches carry ``segment_ids`` int32 [B, T] (document index inside each
+      window, the EOS separator opening the next document) so models reset at document
+      starts; off keeps the batches (and every model output) exactly as before.
     read_threads/prefetch: Grain ``ReadOptions`` (threads and buffer per process).
     num_workers: Grain worker processes (0 = in-process).
     """
@@ -75,6 +86,7 @@ class DataConfig:
     prefetch: int = 2
     num_workers: int = 0
     tokenizer_options: tuple[tuple[str, Any], ...] = ()
+    segment_ids: bool = False
 
     def __post_init__(self) -> None:
         names = ", ".join((*CORPUS_NAMES, "text:PATH"))
@@ -103,6 +115,7 @@ class DataConfig:
         )
         for f in ("read_threads", "prefetch", "num_workers"):
             _check(_is_int(getattr(self, f)) and getattr(self, f) >= 0, self, f, "an int >= 0")
+        _check(isinstance(self.segment_ids, bool), self, "segment_ids", "a bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +173,20 @@ def pad_row(tok: Tokenizer, morph: bool) -> np.ndarray:
     return np.array(pad, np.int32)
 
 
+def segment_ids(stream: TokenStream, idx: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Document index of stream positions ``idx`` [B, T], relative to each row's first.
+
+    A document's EOS (at its ``docs`` end; empty documents have none) belongs to the next
+    document: the id at stream position i counts the EOS tokens at positions <= i. Masked
+    (padded) positions repeat the row's last real id. Returns int32 [B, T].
+    """
+    docs = np.asarray(stream.docs, np.int64).reshape(-1, 2)
+    eos = docs[docs[:, 1] > docs[:, 0], 1]  # sorted: documents are laid out in order
+    seg = np.searchsorted(eos, np.asarray(idx, np.int64), side="right")
+    seg = np.maximum.accumulate(np.where(mask, seg, 0), axis=1)  # pads: the last real id
+    return (seg - seg[:, :1]).astype(np.int32)
+
+
 def gather(
     stream: TokenStream,
     starts: np.ndarray,
@@ -167,8 +194,10 @@ def gather(
     seq_len: int,
     pad: np.ndarray,
     with_bytes: bool = False,
+    with_segments: bool = False,
 ) -> Batch:
-    """Windows -> ``tokens`` int32 [B, T(, 3)], ``mask`` bool [B, T] (+ ``target_bytes``)."""
+    """Windows -> ``tokens`` int32 [B, T(, 3)], ``mask`` bool [B, T] (+ ``target_bytes``,
+    + ``segment_ids`` int32 [B, T] with ``with_segments``: see ``segment_ids``)."""
     offs = np.arange(seq_len, dtype=np.int64)
     mask = offs[None, :] < np.asarray(lengths)[:, None]
     idx = np.where(mask, np.asarray(starts)[:, None] + offs[None, :], 0)
@@ -180,6 +209,8 @@ def gather(
     if with_bytes:
         nb = np.asarray(stream.nbytes[idx.ravel()], np.int32).reshape(idx.shape)
         out["target_bytes"] = np.where(mask, nb, 0).astype(np.int32)
+    if with_segments:
+        out["segment_ids"] = segment_ids(stream, idx, mask)
     return out
 
 
@@ -213,10 +244,11 @@ def _train_batch(
     pad: np.ndarray,
     process_index: int,
     per_process: int,
+    with_segments: bool = False,
 ) -> Batch:
     """Global batch of window indices -> this process's slice of the gathered batch."""
     mine = np.asarray(idx)[process_index * per_process : (process_index + 1) * per_process]
-    return gather(stream, starts[mine], lengths[mine], seq_len, pad)
+    return gather(stream, starts[mine], lengths[mine], seq_len, pad, with_segments=with_segments)
 
 
 @dataclasses.dataclass
@@ -239,6 +271,7 @@ class Datasets:
     _pad: np.ndarray
     _process_index: int
     _per_process: int
+    _segment_ids: bool = False
 
     def eval_batches(self) -> Iterator[Batch]:
         """The whole eval split once, in order: ``tokens``, ``mask``, ``target_bytes`` [B, T].
@@ -246,6 +279,7 @@ class Datasets:
         The last global batch is filled with all-False rows. ``target_bytes`` is the UTF-8
         length of each token (0 where masked); sum ``target_bytes[:, 1:]`` for the bytes of
         the predicted targets (over all processes it totals ``info.val_bytes``).
+        With ``DataConfig.segment_ids`` the batches also carry ``segment_ids`` [B, T].
         """
         starts, lengths = self._eval_windows
         b = self._batch_size
@@ -254,7 +288,15 @@ class Datasets:
             fill = b - len(s)  # zero-length windows are fully masked rows
             s = np.concatenate([s, np.zeros(fill, np.int64)])
             n = np.concatenate([n, np.zeros(fill, np.int64)])
-            batch = gather(self._eval, s, n, self._seq_len, self._pad, with_bytes=True)
+            batch = gather(
+                self._eval,
+                s,
+                n,
+                self._seq_len,
+                self._pad,
+                with_bytes=True,
+                with_segments=self._segment_ids,
+            )
             yield _shard(batch, self._process_index, self._per_process)
 
     def new_train_iterator(self) -> grain.DatasetIterator:
@@ -366,6 +408,7 @@ def _train_dataset(
         pad=pad,
         process_index=process_index,
         per_process=per_process,
+        with_segments=cfg.segment_ids,
     )
     # Shuffle window indices, batch them (drop remainder: every step is full), repeat with a
     # per-epoch reseeded shuffle; gathering happens last, on this process's slice only.
@@ -423,4 +466,5 @@ def build_datasets(cfg: DataConfig, process_index: int = 0, process_count: int =
         _pad=pad,
         _process_index=process_index,
         _per_process=per_process,
+        _segment_ids=cfg.segment_ids,
     )

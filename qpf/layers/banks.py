@@ -2,13 +2,15 @@
 
 Every bank maps ``x [B, T, 2, d]`` to ``[B, T, 2, d]`` and shares one call signature::
 
-    y, new_state = bank(x, state, deterministic=..., language_ids=...)
+    y, new_state = bank(x, state, deterministic=..., language_ids=..., segment_ids=...)
 
 All banks are position-wise except ``context`` (a causal window), whose state is the last
-``window_size - 1`` inputs; the others take and return ``state=None``. Residual scales,
-activations and the "u + u·Dropout(Re u)" pattern follow the original exactly, including
-where it applies in evaluation (morphology, orthography) and where only in training
-(semantic). Parameters the original created but never used (``concept_proj``, affix
+``window_size - 1`` inputs; the others take and return ``state=None``. ``segment_ids``
+``[B, T]`` (optional, documents of a packed window): the context window reads no input
+across a document start; the position-wise banks have nothing to reset and ignore it.
+Residual scales, activations and the "u + u·Dropout(Re u)" pattern follow the original
+exactly, including where it applies in evaluation (morphology, orthography) and where only
+in training (semantic). Parameters the original created but never used (``concept_proj``, affix
 projections, ``position_encoding``, the dead explicit-feature path) do not exist here.
 """
 
@@ -22,6 +24,7 @@ from qpf import config as cfgs
 from qpf.layers.core import CayleyRotation, PhaseModule, complex_table
 from qpf.ops import norms
 from qpf.ops import phase2d as p2d
+from qpf.ops.segments import same_segment_lagged
 from qpf.registry import Registry
 
 Array = jax.Array
@@ -66,7 +69,7 @@ class SemanticBank(_Bank):
     cfg: cfgs.SemanticBankConfig = cfgs.SemanticBankConfig()
 
     @nn.compact
-    def __call__(self, x, state=None, *, deterministic=True, language_ids=None):
+    def __call__(self, x, state=None, *, deterministic=True, language_ids=None, segment_ids=None):
         concepts = complex_table(
             self, "concept_table", self.cfg.num_concepts, x.shape[-1], self.param_dtype
         )
@@ -95,7 +98,7 @@ class ContextBank(_Bank):
         return jnp.zeros((batch, cfg.window_size - 1, 2, dim), dtype)
 
     @nn.compact
-    def __call__(self, x, state=None, *, deterministic=True, language_ids=None):
+    def __call__(self, x, state=None, *, deterministic=True, language_ids=None, segment_ids=None):
         w = self.cfg.window_size
         b, t, _, d = x.shape
         logits = self.param(
@@ -105,7 +108,13 @@ class ContextBank(_Bank):
             state = self.init_state(self.cfg, b, d, x.dtype)
         padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, W-1+T, 2, d]
         weights = jax.nn.softmax(logits.astype(p2d.acc_dtype(x.dtype)))
-        ctx = sum(weights[k] * padded[:, k : k + t] for k in range(w)).astype(x.dtype)
+        reads = [padded[:, k : k + t] for k in range(w)]  # tap k reads x_{t-(w-1-k)}
+        if segment_ids is not None:
+            reads = [
+                jnp.where(same_segment_lagged(segment_ids, w - 1 - k)[..., None, None], r, 0)
+                for k, r in enumerate(reads)
+            ]
+        ctx = sum(weights[k] * reads[k] for k in range(w)).astype(x.dtype)
         ctx = self.linear(d, "context_proj")(ctx)
         m = self.linear(d, "modulation_proj")(jnp.concatenate([x, ctx], axis=-1))
         h = p2d.multiply(x, p2d.normalize(m))
@@ -123,7 +132,7 @@ class LanguageBank(_Bank):
     cfg: cfgs.LanguageBankConfig = cfgs.LanguageBankConfig()
 
     @nn.compact
-    def __call__(self, x, state=None, *, deterministic=True, language_ids=None):
+    def __call__(self, x, state=None, *, deterministic=True, language_ids=None, segment_ids=None):
         n, d = self.cfg.num_languages, x.shape[-1]
         ones = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[:, 0].set(1.0)  # noqa: E731
         gates = self.param("language_gates", ones, (n, 2, d), self.param_dtype)
@@ -160,7 +169,7 @@ class EmotionBank(_Bank):
     cfg: cfgs.EmotionBankConfig = cfgs.EmotionBankConfig()
 
     @nn.compact
-    def __call__(self, x, state=None, *, deterministic=True, language_ids=None):
+    def __call__(self, x, state=None, *, deterministic=True, language_ids=None, segment_ids=None):
         n, d = self.cfg.num_emotions, x.shape[-1]
         table = complex_table(self, "emotion_table", n, d, self.param_dtype)
         scores = self.real_linear(n, "emotion_detector")(p2d.to_concat(x))
@@ -175,7 +184,7 @@ class MorphologyBank(_Bank):
     cfg: cfgs.MorphologyBankConfig = cfgs.MorphologyBankConfig()
 
     @nn.compact
-    def __call__(self, x, state=None, *, deterministic=True, language_ids=None):
+    def __call__(self, x, state=None, *, deterministic=True, language_ids=None, segment_ids=None):
         n, d = self.cfg.num_patterns, x.shape[-1]
         table = complex_table(self, "pattern_table", n, d, self.param_dtype)
         attn = modulus_softmax(self.linear(n, "pattern_detector")(x))
@@ -201,7 +210,7 @@ class OrthographyBank(_Bank):
     cfg: cfgs.OrthographyBankConfig = cfgs.OrthographyBankConfig()
 
     @nn.compact
-    def __call__(self, x, state=None, *, deterministic=True, language_ids=None):
+    def __call__(self, x, state=None, *, deterministic=True, language_ids=None, segment_ids=None):
         c, d = self.cfg, x.shape[-1]
         shapes = complex_table(self, "shape_table", c.num_shape_patterns, d, self.param_dtype)
         scripts = complex_table(self, "script_table", c.num_script_classes, d, self.param_dtype)

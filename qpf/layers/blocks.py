@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from qpf.layers.core import Dtype, Phase2DLinear, normal_002
 from qpf.ops import norms
 from qpf.ops import phase2d as p2d
+from qpf.ops.segments import same_segment_lagged
 
 Array = jax.Array
 
@@ -95,6 +96,8 @@ class CausalComplexConv(nn.Module):
 
     x ``[B, T, 2, d]``, tail ``[B, width - 1, 2, d]`` (the previous inputs, oldest first;
     zeros at position 0) -> (y ``[B, T, 2, d]``, new tail ``[B, width - 1, 2, d]`` float32).
+    segment_ids ``[B, T]`` (optional): no tap reads across a document start (the tail
+    belongs to the first document).
     """
 
     width: int
@@ -102,7 +105,9 @@ class CausalComplexConv(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, tail: Array) -> tuple[Array, Array]:
+    def __call__(
+        self, x: Array, tail: Array, segment_ids: Array | None = None
+    ) -> tuple[Array, Array]:
         w, d, t = self.width, x.shape[-1], x.shape[1]
         k_re = self.param("kernel_re", _identity_tap_init, (w, d), self.param_dtype)
         k_im = self.param("kernel_im", normal_002, (w, d), self.param_dtype)
@@ -113,7 +118,10 @@ class CausalComplexConv(nn.Module):
         y = jnp.broadcast_to(p2d.join(b_re, b_im).astype(acc), x.shape)
         for k in range(w):  # tap k reads x_{t-k}: offset w - 1 - k in the padded sequence
             tap = p2d.join(k_re[k], k_im[k]).astype(acc)
-            y = y + p2d.multiply(tap, xp[:, w - 1 - k : w - 1 - k + t])
+            read = xp[:, w - 1 - k : w - 1 - k + t]
+            if segment_ids is not None and k > 0:
+                read = jnp.where(same_segment_lagged(segment_ids, k)[..., None, None], read, 0.0)
+            y = y + p2d.multiply(tap, read)
         new_tail = xp[:, xp.shape[1] - (w - 1) :]
         return y.astype(self.dtype or x.dtype), new_tail
 

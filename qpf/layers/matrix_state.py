@@ -18,6 +18,9 @@ Decoding state (``MatrixStateBackbone.init_state``), a dict:
     layers (absent when there are none); the row axis is separate from the heads so that
     beam search and row gathers (``qpf.generation.core.take_rows``) find it;
   'pos': int32 scalar, steps this backbone has consumed (positions of the attention keys).
+
+Document resets (``segment_ids [B, T]``, full forwards): every matrix memory restarts from
+zero at a document start and local attention sees only keys of the same document.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from qpf.layers.core import PhaseModule, normal_002
 from qpf.ops import phase2d as p2d
 from qpf.ops.attention import windowed_attention
 from qpf.ops.matrix_state import matrix_state_chunked, matrix_state_recurrent
+from qpf.ops.segments import segment_starts
 
 Array = jax.Array
 State = dict
@@ -69,8 +73,15 @@ class MatrixStateLayer(PhaseModule):
     cfg: cfgs.MatrixStateConfig = cfgs.MatrixStateConfig()
 
     @nn.compact
-    def __call__(self, x: Array, s0: Array, deterministic: bool = True) -> tuple[Array, Array]:
+    def __call__(
+        self,
+        x: Array,
+        s0: Array,
+        deterministic: bool = True,
+        segment_ids: Array | None = None,
+    ) -> tuple[Array, Array]:
         c, d = self.cfg, x.shape[-1]
+        resets = None if segment_ids is None else segment_starts(segment_ids)
         h, dh = c.num_heads, c.head_dim
         q = _heads(self.linear(h * dh, "query")(x), h)
         k = _heads(self.linear(h * dh, "key")(x), h)
@@ -89,9 +100,11 @@ class MatrixStateLayer(PhaseModule):
         )(p2d.to_concat(x))
         log_gamma = -jax.nn.softplus(decay.astype(jnp.float32))  # [B, T, H], ≤ 0
         if c.form == "recurrent" or x.shape[1] == 1:
-            y, s = matrix_state_recurrent(q, k, v, log_gamma, s0, unroll=c.unroll)
+            y, s = matrix_state_recurrent(q, k, v, log_gamma, s0, unroll=c.unroll, resets=resets)
         else:
-            y, s = matrix_state_chunked(q, k, v, log_gamma, s0, chunk_size=c.chunk_size)
+            y, s = matrix_state_chunked(
+                q, k, v, log_gamma, s0, chunk_size=c.chunk_size, resets=resets
+            )
         y = self.linear(d, "output")(_unheads(y).astype(x.dtype))
         y = nn.Dropout(c.dropout, broadcast_dims=(y.ndim - 2,), name="dropout")(
             y, deterministic=deterministic
@@ -120,6 +133,7 @@ class LocalAttentionLayer(PhaseModule):
         cache: dict[str, Array] | None = None,
         deterministic: bool = True,
         start: Array | int = 0,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, dict[str, Array]]:
         c, d = self.cfg, x.shape[-1]
         b, t = x.shape[:2]
@@ -135,8 +149,16 @@ class LocalAttentionLayer(PhaseModule):
             history = tuple(
                 cache[n].reshape(b * h, *cache[n].shape[2:]) for n in ("keys", "values")
             )
+        seg = None if segment_ids is None else jnp.repeat(segment_ids, h, axis=0)  # [B·H, T]
         out, (keys, values) = windowed_attention(
-            q, k, v, start, window=c.local_attention_window, rule="local", history=history
+            q,
+            k,
+            v,
+            start,
+            window=c.local_attention_window,
+            rule="local",
+            history=history,
+            segment_ids=seg,
         )
         y = jnp.moveaxis(out.reshape(b, h, t, 2, dh), 1, 2)  # [B, T, H, 2, Dh]
         y = self.linear(d, "output")(_unheads(y).astype(x.dtype))
@@ -179,7 +201,12 @@ class MatrixStateBackbone(PhaseModule):
 
     @nn.compact
     def __call__(
-        self, x: Array, state: State | None = None, *, deterministic: bool = True
+        self,
+        x: Array,
+        state: State | None = None,
+        *,
+        deterministic: bool = True,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, State]:
         c = self.cfg
         if state is None:
@@ -200,12 +227,12 @@ class MatrixStateBackbone(PhaseModule):
                 cache = {n: a[len(keys)] for n, a in state["attention"].items()}
                 # At position 0 the zero cache sits at negative positions: masked.
                 layer = LocalAttentionLayer(**kw, name=f"layers_{i}")
-                y, new = layer(u, cache, deterministic, state["pos"])
+                y, new = layer(u, cache, deterministic, state["pos"], segment_ids)
                 keys.append(new["keys"])
                 values.append(new["values"])
             else:
                 layer = remat(MatrixStateLayer)(**kw, name=f"layers_{i}")
-                y, s = layer(u, state["matrix"][len(memories)], deterministic)
+                y, s = layer(u, state["matrix"][len(memories)], deterministic, segment_ids)
                 memories.append(s)
             h = h + (scales[i] * y).astype(h.dtype)
         new_state: State = {

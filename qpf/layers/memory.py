@@ -56,6 +56,8 @@ class EpisodicMemory(PhaseModule):
     1/sqrt(2d); there is no output projection. The visibility rule comes from the regime
     (see ``EpisodicConfig``). State: the last 2·window keys and values ``[B, 2W, 2d]``.
     s ``[B, T, 2, d]`` -> (values ``[B, T, 2, d]`` before the fixed weight, new state).
+    segment_ids ``[B, T]`` (optional; regimes 'chunked' and 'sliding'): a query sees only
+    its own document's keys, with the rule on positions counted from the document's start.
     """
 
     cfg: cfgs.EpisodicConfig = cfgs.EpisodicConfig()
@@ -67,7 +69,11 @@ class EpisodicMemory(PhaseModule):
 
     @nn.compact
     def __call__(
-        self, s: Array, state: dict[str, Array] | None, start: Array | int
+        self,
+        s: Array,
+        state: dict[str, Array] | None,
+        start: Array | int,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, dict[str, Array]]:
         d2 = 2 * s.shape[-1]
         x = p2d.to_concat(s)
@@ -75,9 +81,21 @@ class EpisodicMemory(PhaseModule):
             self.real_linear(d2, f"{n}_proj", use_bias=False)(x) for n in ("query", "key", "value")
         )
         rule = self._rule(s.shape[1], state)
+        if segment_ids is not None and self.cfg.regime == "original":
+            raise ValueError(
+                "episodic regime 'original' picks its rule by the window length, so a packed "
+                "document cannot see what it sees alone: use regime 'chunked' or 'sliding'"
+            )
         history = None if state is None else (state["keys"], state["values"])
         out, (hk, hv) = windowed_attention(
-            q, k, v, start, window=self.cfg.window, rule=rule, history=history
+            q,
+            k,
+            v,
+            start,
+            window=self.cfg.window,
+            rule=rule,
+            history=history,
+            segment_ids=segment_ids,
         )
         if rule == "causal":  # the original overwrites row 0 on its short path
             out = out.at[:, 0].set(0.0)

@@ -28,6 +28,7 @@ from qpf.layers.core import Phase2DLinear, PhaseModule, scaled_normal
 from qpf.ops import lru
 from qpf.ops import phase2d as p2d
 from qpf.ops.scan import linear_scan, oscillatory_scan
+from qpf.ops.segments import segment_starts
 
 Array = jax.Array
 # A layer's decoding state: h ``[B, 2, N]``, or {"h": h, "conv": tail ``[B, w-1, 2, d]``}
@@ -48,7 +49,8 @@ class OscillatorySSMLayer(PhaseModule):
     imaginary parts.
 
     x ``[B, T, 2, d]``, state (``LayerState``: h0 ``[B, 2, N]``) -> (y ``[B, T, 2, d]``,
-    the state after T steps, h float32).
+    the state after T steps, h float32). segment_ids ``[B, T]`` (optional): the recurrence
+    carries a zero state into each document start and the convolution reads no tap across it.
     """
 
     cfg: cfgs.BackboneConfig = cfgs.BackboneConfig()
@@ -73,15 +75,20 @@ class OscillatorySSMLayer(PhaseModule):
 
     @nn.compact
     def __call__(
-        self, x: Array, h0: LayerState, deterministic: bool = True
+        self,
+        x: Array,
+        h0: LayerState,
+        deterministic: bool = True,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, LayerState]:
         c, d = self.cfg, x.shape[-1]
         n = c.state_dim
+        resets = None if segment_ids is None else segment_starts(segment_ids)
         if c.conv_width > 0:
             conv = CausalComplexConv(
                 c.conv_width, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
             )
-            x_in, conv_tail = conv(x, h0["conv"])
+            x_in, conv_tail = conv(x, h0["conv"], segment_ids)
             h0 = h0["h"]
         else:
             x_in = x
@@ -103,6 +110,7 @@ class OscillatorySSMLayer(PhaseModule):
                 damping,
                 skew,
                 h0,
+                resets=resets,
                 scan_type=c.scan_type,
                 chunk_size=c.chunk_size,
                 unroll=c.unroll,
@@ -125,6 +133,7 @@ class OscillatorySSMLayer(PhaseModule):
                 a,
                 b,
                 h0,
+                resets=resets,
                 scan_type=c.scan_type,
                 chunk_size=c.chunk_size,
                 unroll=c.unroll,
@@ -151,8 +160,10 @@ class OscillatorySSM(PhaseModule):
     block 'griffin': h <- h + SSM_l(N_l(h)); h <- h + MLP_l(N'_l(h)) (no layer scales).
 
     x ``[B, T, 2, d]``, state (``init_state``; zeros if None) -> (y ``[B, T, 2, d]``, new
-    state, exact after T steps). The state is h ``[L, B, 2, N]``, or with ``conv_width`` > 0
-    {"h": ``[L, B, 2, N]``, "conv": ``[L, B, conv_width - 1, 2, d]``}, all float32.
+    state, exact after T steps); ``segment_ids [B, T]`` (optional) reset every layer at
+    document starts (see ``OscillatorySSMLayer``). The state is h ``[L, B, 2, N]``, or with
+    ``conv_width`` > 0 {"h": ``[L, B, 2, N]``, "conv": ``[L, B, conv_width - 1, 2, d]``},
+    all float32.
     """
 
     cfg: cfgs.BackboneConfig = cfgs.BackboneConfig()
@@ -190,7 +201,12 @@ class OscillatorySSM(PhaseModule):
 
     @nn.compact
     def __call__(
-        self, x: Array, state: Any = None, *, deterministic: bool = True
+        self,
+        x: Array,
+        state: Any = None,
+        *,
+        deterministic: bool = True,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, Any]:
         c = self.cfg
         if state is None:
@@ -213,7 +229,7 @@ class OscillatorySSM(PhaseModule):
                 cfg=c, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}"
             )
             layer_state = jax.tree.map(lambda s, i=i: s[i], state)
-            y, s = layer(self.norm(f"norms_{i}")(h), layer_state, deterministic)
+            y, s = layer(self.norm(f"norms_{i}")(h), layer_state, deterministic, segment_ids)
             if c.block == "v4":
                 if mixing:
                     y = y + self._mix(i, y, deterministic)

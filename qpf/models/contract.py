@@ -3,11 +3,19 @@
 A family's Flax module is called as::
 
     out = module.apply({"params": p}, inputs, state=None, deterministic=True,
-                       rngs={"dropout": key})
+                       rngs={"dropout": key}, segment_ids=None)
 
 inputs: int ``[B, T]`` token ids (``[B, T, 3]`` for qpf's morphological mode).
 state: None for an ordinary forward from position 0, or a decoding state (below).
 Returns a ``ModelOutput``; ``out.logits[:, t]`` scores token t+1.
+segment_ids: only for families that declare ``ModelFamily.segment_resets`` (the keyword is
+absent otherwise): int ``[B, T]``, the document index of each position in a packed window
+(``qpf.data`` emits them with ``DataConfig.segment_ids``; only changes matter: an id that
+comes back after another opens a new document). Where the id changes from t-1 to t, every
+recurrence carries a zero state into t, convolutions take no tap from before t and
+attention sees no key before t, so each document gets the logits it would get alone (from
+position 0). None (the default) is one document: bit-identical to a call without it. Only
+for full forwards (``state=None``); decoding does not take segment ids.
 
 Decoding state: a pytree of arrays with at least ``"pos"`` (int32 scalar: tokens consumed).
 ``family.init_state(config, batch, max_len)`` gives the zero state; feeding a sequence in

@@ -22,8 +22,10 @@ growth for slow channels). ν is initialised so λ is spread uniformly over
 learnable scalar per layer starting at ``layer_scale_init`` (0.1, as qpf's backbone).
 
 The recurrence runs through ``qpf.ops.scan.linear_scan`` (real mode) with the configured
-backend. Decoding state: ``{"pos": int32 [], "h": [L, B, N] float32}``, exact after any
-chunking of the input; ``init_state`` ignores ``max_len``.
+backend. Document resets (``segment_ids``): the state carried into a document's first
+position is zero, so a packed document gets the logits it would get alone. Decoding
+state: ``{"pos": int32 [], "h": [L, B, N] float32}``, exact after any chunking of the
+input; ``init_state`` ignores ``max_len``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_head, va
 from qpf.models.contract import ModelOutput, State, applies_matmul_precision
 from qpf.models.family import ModelFamily, Preset
 from qpf.ops.scan import linear_scan
+from qpf.ops.segments import segment_starts
 
 Array = jax.Array
 
@@ -135,14 +138,14 @@ def decay(nu: Array) -> Array:
 class DiagRNNLayer(nn.Module):
     """One recurrence (see module docstring).
 
-    x ``[B, T, d]`` (already normalised), h0 ``[B, N]`` ->
-    (y ``[B, T, d]`` in x's dtype, h_T ``[B, N]`` float32).
+    x ``[B, T, d]`` (already normalised), h0 ``[B, N]``, resets bool ``[B, T]`` or None
+    (document starts) -> (y ``[B, T, d]`` in x's dtype, h_T ``[B, N]`` float32).
     """
 
     cfg: DiagRNNConfig
 
     @nn.compact
-    def __call__(self, x: Array, h0: Array) -> tuple[Array, Array]:
+    def __call__(self, x: Array, h0: Array, resets: Array | None = None) -> tuple[Array, Array]:
         c = self.cfg
         n = c.state_width
         kw = {"dtype": DTYPES[c.dtype], "param_dtype": DTYPES[c.param_dtype]}
@@ -157,6 +160,7 @@ class DiagRNNLayer(nn.Module):
             a,
             b,
             h0,
+            resets=resets,
             scan_type=c.scan_type,
             chunk_size=c.chunk_size,
             unroll=c.unroll,
@@ -181,10 +185,14 @@ class DiagRNN(nn.Module):
         *,
         deterministic: bool = True,
         return_features: bool = False,
+        segment_ids: Array | None = None,
     ) -> ModelOutput:
         """inputs int ``[B, T]``, state None or ``init_state(...)`` -> ModelOutput (with
-        ``return_features``: head input ``[B, T, d]`` and weight instead of logits)."""
+        ``return_features``: head input ``[B, T, d]`` and weight instead of logits).
+        segment_ids: int ``[B, T]`` documents of a packed window: every recurrence resets
+        where the id changes (None: no resets)."""
         c = self.config
+        resets = None if segment_ids is None else segment_starts(segment_ids)
         dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
         state = init_state(c, inputs.shape[0]) if state is None else state
         embed = nn.Embed(
@@ -197,7 +205,7 @@ class DiagRNN(nn.Module):
         x, finals = embed(inputs), []
         for i in range(c.num_layers):
             y, h_last = DiagRNNLayer(c, name=f"layers_{i}")(
-                norm(c, name=f"norms_{i}")(x), state["h"][i]
+                norm(c, name=f"norms_{i}")(x), state["h"][i], resets
             )
             y = drop(y, deterministic=deterministic)
             x = x + (scales[i].astype(dt) * y).astype(x.dtype)
@@ -254,4 +262,5 @@ DIAGRNN_FAMILY = ModelFamily(
     build=lambda config: DiagRNN(config=config),
     init_state=init_state,
     presets={**PRESETS, "test": TEST_PRESET},
+    segment_resets=lambda c: "",
 )

@@ -76,6 +76,12 @@ class ModelFamily:
       the patch size; ``qpf.generation`` keeps a partial patch's bytes pending for it.
     trainable: optional config -> (params -> bool pytree, True where the optimizer
       updates) or None when everything trains; frozen parameters get no optimizer state.
+    segment_resets: config -> "" when the module's ``__call__`` takes ``segment_ids``
+      (int ``[B, T]``, document index inside the window; ``None`` = one document) and resets
+      every recurrence, memory and attention at a change of id, so a document packed after
+      another gets the logits it would get alone; otherwise the reason it does not (a
+      component not wired, or the whole family). ``check_segment_resets`` turns a reason
+      into a ``ConfigError``. No family resets unless it declares it.
     """
 
     name: str
@@ -88,6 +94,7 @@ class ModelFamily:
     piece_alignment: Callable[[Any], int] = lambda config: 1
 
     trainable: Callable[[Any], Callable[[Any], Any] | None] | None = None
+    segment_resets: Callable[[Any], str] = lambda config: "it does not implement document resets"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.config_cls, type) and issubclass(self.config_cls, NumericsConfig)):
@@ -133,6 +140,18 @@ def presets_from_table(
         name: Preset(name=name, model=config_cls(**changes), batch_size=batch, learning_rate=lr)
         for name, (changes, batch, lr) in table.items()
     }
+
+
+def check_segment_resets(family: ModelFamily, config: Any) -> None:
+    """Raise ``ConfigError`` when ``family`` cannot reset at document starts for ``config``
+    (``ModelFamily.segment_resets``); the message names the family and the fix."""
+    reason = family.segment_resets(config)
+    if reason:
+        raise ConfigError(
+            f"model family {family.name!r} does not support document segment ids "
+            f"(data.segment_ids=true): {reason}. Turn data.segment_ids off "
+            "(--set data.segment_ids=false) or use a family that resets at document starts"
+        )
 
 
 def accepts_return_features(module: nn.Module) -> bool:

@@ -34,6 +34,27 @@ from qpf.ops import phase2d as p2d
 Array = jax.Array
 
 
+def segment_resets(config: cfgs.ModelConfig) -> str:
+    """'' when ``config`` resets at document starts (``segment_ids``), else why not.
+
+    Honoured: token and morphological input, every bank (the context window stops at a
+    document start; the others are position-wise), the coupler and global memory
+    (position-wise), the oscillatory SSM backbone with every v4/v5 option (recurrence and
+    causal convolution reset), the matrix-state backbone (memories and local attention),
+    episodic memory in the 'chunked' and 'sliding' regimes. Not wired: byte patches (a
+    document may start inside a patch).
+    """
+    why = []
+    if config.input_mode == "byte_patch":
+        why.append(
+            "input_mode 'byte_patch' (a document may start inside a patch; use "
+            "input_mode='token' with the byte vocabulary)"
+        )
+    if config.episodic is not None and config.episodic.regime == "original":
+        why.append("episodic regime 'original' (use 'chunked' or 'sliding')")
+    return "; ".join(why)
+
+
 def init_state(config: cfgs.ModelConfig, batch_size: int) -> State:
     """The zero decoding state for ``batch_size`` rows at position 0.
 
@@ -126,6 +147,7 @@ class QPFModel(nn.Module):
         language_ids: Array | None = None,
         return_intermediates: bool = False,
         return_features: bool = False,
+        segment_ids: Array | None = None,
     ) -> ModelOutput:
         """Forward over a chunk of tokens.
 
@@ -141,9 +163,18 @@ class QPFModel(nn.Module):
           return_features: return the head input ``features [B, T, 2d]`` and
             ``head_weight [2d, V]`` instead of logits (token and morphological modes; the
             byte-patch decoder is not linear and still returns logits).
+          segment_ids: int ``[B, T]`` documents of a packed window (full forwards, token and
+            morphological modes; ``segment_resets`` lists the components that honour it):
+            each document gets the logits it would get alone. None: one document.
         """
         batch = inputs.shape[0]
         fresh = state is None
+        if segment_ids is not None:
+            reason = segment_resets(self.config)
+            if reason or not fresh:
+                raise ValueError(
+                    f"segment_ids: {reason or 'for full forwards (state=None), not decoding'}"
+                )
         state = init_state(self.config, batch) if fresh else state
         if self.config.input_mode == "byte_patch":
             return self._byte_forward(
@@ -155,7 +186,13 @@ class QPFModel(nn.Module):
         else:
             x = self.embed(inputs)
         h, new_state, coupling = self.phase_trunk(
-            x, state, fresh, deterministic=deterministic, language_ids=language_ids, inter=inter
+            x,
+            state,
+            fresh,
+            deterministic=deterministic,
+            language_ids=language_ids,
+            inter=inter,
+            segment_ids=segment_ids,
         )
         new_state["pos"] = state["pos"] + inputs.shape[1]
         u = p2d.to_concat(self.head_norm(self.head_proj(h)))
@@ -183,10 +220,13 @@ class QPFModel(nn.Module):
         deterministic: bool,
         language_ids: Array | None,
         inter: dict[str, Array],
+        segment_ids: Array | None = None,
     ) -> tuple[Array, State, Array]:
         """banks -> coupler -> backbone -> memories on ``x [B, T, 2, d]`` (formerly ``core``).
 
         The part shared by every input mode, between the embedding and the LM head.
+        segment_ids ``[B, T]``: document resets of the context bank, backbone and episodic
+        memory (the other stages are position-wise).
 
         Returns (phase states ``[B, T, 2, d]``, new state without 'pos', coupling loss).
         """
@@ -200,6 +240,7 @@ class QPFModel(nn.Module):
                 state["banks"].get(name),
                 deterministic=deterministic,
                 language_ids=language_ids,
+                segment_ids=segment_ids,
             )
             if bank_state is not None:
                 new_state["banks"][name] = bank_state
@@ -211,7 +252,7 @@ class QPFModel(nn.Module):
             coupling = jnp.zeros((), p2d.acc_dtype(x.dtype))
         inter["coupled"] = coupled
         h, new_state["backbone"] = self.backbone(
-            coupled, state["backbone"], deterministic=deterministic
+            coupled, state["backbone"], deterministic=deterministic, segment_ids=segment_ids
         )
         inter["backbone_out"] = h
         if c.memory is not None:
@@ -225,7 +266,7 @@ class QPFModel(nn.Module):
         if c.episodic is not None:
             inter["episodic_input"] = h
             values, new_state["episodic"] = self.episodic(
-                h, None if fresh else state["episodic"], self._trunk_pos(state)
+                h, None if fresh else state["episodic"], self._trunk_pos(state), segment_ids
             )
             inter["episodic_values"] = values
             h = h + (c.episodic.weight * values).astype(h.dtype)

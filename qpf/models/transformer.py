@@ -13,6 +13,10 @@ Weights are N(0, 0.02), residual output projections N(0, 0.02/sqrt(2L)) (GPT-2);
 in linear layers. Dropout acts on the embedding and on both residual branches; there is
 no attention-probability dropout (``dot_product_attention`` has none).
 
+Document resets (``segment_ids``, full forwards only): a query sees only keys of its own
+document, and positions (rotary or learned) restart at 0 at every document start, so a
+packed document gets the logits it would get alone.
+
 Decoding state is a KV cache ``{"pos": int32 [], "k", "v": [L, B, S, H, Dh]}`` from
 ``init_state(config, batch, max_len)`` (S = max_len). A call with a state writes the
 chunk's keys and values at ``pos`` and query i attends to cache slots <= pos + i. The cache
@@ -36,6 +40,7 @@ from qpf.config import NumericsConfig, one_of, positive_int, require
 from qpf.models.baseline_layers import DTYPES, norm, normal_002, output_head, validate_common
 from qpf.models.contract import ModelOutput, State, applies_matmul_precision, kv_cache_state
 from qpf.models.family import ModelFamily, Preset
+from qpf.ops.segments import document_index, segment_positions
 
 Array = jax.Array
 
@@ -119,13 +124,13 @@ def init_state(config: TransformerConfig, batch_size: int, max_len: int | None =
 def rotary(x: Array, positions: Array, base: float) -> Array:
     """Rotate feature pairs (i, i + Dh/2) by angle pos·base^(-2i/Dh), in float32.
 
-    x ``[B, T, H, Dh]``, positions int ``[T]`` -> ``[B, T, H, Dh]`` in x's dtype.
+    x ``[B, T, H, Dh]``, positions int ``[T]`` (or ``[B, T]``) -> ``[B, T, H, Dh]`` in x's dtype.
     """
     half = x.shape[-1] // 2
     acc = jnp.promote_types(x.dtype, jnp.float32)
     inv_freq = base ** (-jnp.arange(half, dtype=acc) * 2.0 / x.shape[-1])
-    angles = positions.astype(acc)[:, None] * inv_freq[None, :]  # [T, Dh/2]
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # [T, 1, Dh/2]
+    angles = positions.astype(acc)[..., None] * inv_freq  # [(B,) T, Dh/2]
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # [.., T, 1, Dh/2]
     x1, x2 = x[..., :half].astype(acc), x[..., half:].astype(acc)
     out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
     return out.astype(x.dtype)
@@ -134,16 +139,21 @@ def rotary(x: Array, positions: Array, base: float) -> Array:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with an optional KV cache.
 
-    x ``[B, T, d]``, positions int ``[T]`` (absolute, for rotary), cache None or
-    (k, v ``[B, S, H, Dh]``, pos int ``[]``) -> (y ``[B, T, d]``, (k, v)): the updated cache,
-    or the chunk's own keys/values ``[B, T, H, Dh]`` without a cache.
+    x ``[B, T, d]``, positions int ``[T]`` (absolute, for rotary; ``[B, T]`` per document),
+    cache None or (k, v ``[B, S, H, Dh]``, pos int ``[]``) -> (y ``[B, T, d]``, (k, v)): the
+    updated cache, or the chunk's own keys/values ``[B, T, H, Dh]`` without a cache.
+    same_doc: bool ``[B, 1, T, T]`` (no cache): key visible to query only within a document.
     """
 
     cfg: TransformerConfig
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, cache: tuple[Array, Array, Array] | None = None
+        self,
+        x: Array,
+        positions: Array,
+        cache: tuple[Array, Array, Array] | None = None,
+        same_doc: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
         c = self.cfg
         dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
@@ -160,7 +170,7 @@ class CausalSelfAttention(nn.Module):
             q, k = rotary(q, positions, c.rope_base), rotary(k, positions, c.rope_base)
         if cache is None:
             out = jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation=c.attention_impl
+                q, k, v, mask=same_doc, is_causal=True, implementation=c.attention_impl
             )
             new_kv = (k, v)
         else:
@@ -249,10 +259,13 @@ class Block(nn.Module):
         positions: Array,
         cache: tuple[Array, Array, Array] | None,
         deterministic: bool,
+        same_doc: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
         c = self.cfg
         drop = nn.Dropout(c.dropout)
-        a, kv = CausalSelfAttention(c, name="attn")(norm(c, name="attn_norm")(x), positions, cache)
+        a, kv = CausalSelfAttention(c, name="attn")(
+            norm(c, name="attn_norm")(x), positions, cache, same_doc
+        )
         x = x + drop(a, deterministic=deterministic)
         m = MLP(c, name="mlp")(norm(c, name="mlp_norm")(x))
         return x + drop(m, deterministic=deterministic), kv
@@ -272,14 +285,24 @@ class Transformer(nn.Module):
         *,
         deterministic: bool = True,
         return_features: bool = False,
+        segment_ids: Array | None = None,
     ) -> ModelOutput:
         """inputs int ``[B, T]``, state None or a KV cache -> ModelOutput (logits ``[B, T, V]``;
-        with ``return_features`` the final-norm output ``[B, T, d]`` and head weight instead)."""
+        with ``return_features`` the final-norm output ``[B, T, d]`` and head weight instead).
+        segment_ids: int ``[B, T]`` documents of a packed window (state None only): attention
+        stays inside each document and positions restart at each document start."""
         c = self.config
         dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
         t = inputs.shape[1]
         pos = jnp.zeros((), jnp.int32) if state is None else state["pos"]
         positions = pos + jnp.arange(t, dtype=jnp.int32)
+        same_doc = None
+        if segment_ids is not None:
+            if state is not None:
+                raise ValueError("segment_ids are for full forwards (state=None), not decoding")
+            positions = segment_positions(segment_ids)  # [B, T]
+            doc = document_index(segment_ids)  # an id that comes back is a new document
+            same_doc = (doc[:, :, None] == doc[:, None, :])[:, None]
         if state is not None and t > state["k"].shape[2]:
             raise ValueError(f"chunk of {t} tokens exceeds the cache length {state['k'].shape[2]}")
         if c.positions == "learned" and state is None and t > c.max_len:
@@ -304,7 +327,7 @@ class Transformer(nn.Module):
         ks, vs = [], []
         for i in range(c.num_layers):
             cache = None if state is None else (state["k"][i], state["v"][i], pos)
-            x, (k, v) = Block(c, name=f"blocks_{i}")(x, positions, cache, deterministic)
+            x, (k, v) = Block(c, name=f"blocks_{i}")(x, positions, cache, deterministic, same_doc)
             ks.append(k)
             vs.append(v)
         logits, features, weight = output_head(c, embed, x, dt, pdt, return_features)
@@ -390,4 +413,9 @@ TRANSFORMER_FAMILY = ModelFamily(
     build=lambda config: Transformer(config=config),
     init_state=init_state,
     presets={**PRESETS, "test": TEST_PRESET},
+    segment_resets=lambda c: (
+        "attention_impl='cudnn' takes no document mask; use attention_impl='xla'"
+        if c.attention_impl == "cudnn"
+        else ""
+    ),
 )

@@ -13,6 +13,11 @@ the two agree exactly. Which keys a query may see is a rule on absolute position
   when the whole sequence fits in the history span (T <= 2·window).
 
 Rows with no visible key return 0. Scores and softmax run in float32.
+
+Document resets (``segment_ids`` ``[B, T]``, see ``qpf.ops.segments``): a query sees only
+keys of its own document, and the rule reads positions counted from the document's start
+(the first document continues ``start`` and the history), so every rule, the aligned
+``chunked`` one included, gives a packed document what it would get alone from position 0.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from qpf.ops import phase2d as p2d
+from qpf.ops.segments import document_index, segment_positions
 
 Array = jax.Array
 Rule = Literal["chunked", "sliding", "causal", "local"]
@@ -67,6 +73,7 @@ def windowed_attention(
     window: int,
     rule: Rule,
     history: tuple[Array, Array] | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array]]:
     """Single-head windowed causal attention with scale 1/sqrt(D).
 
@@ -77,6 +84,8 @@ def windowed_attention(
       rule: 'chunked', 'sliding', 'causal' or 'local' (see module docstring).
       history: (keys, values) ``[B, H, D]`` of positions start-H .. start-1 (entries at
         negative positions are ignored); zeros if None.
+      segment_ids: int ``[B, T]`` documents of the chunk, or None (one document). The
+        history belongs to the chunk's first document.
 
     Returns:
       (out ``[B, T, D]``, new history: the last H keys and values).
@@ -88,6 +97,9 @@ def windowed_attention(
     kk = jnp.concatenate([history[0].astype(k.dtype), k], axis=1)  # [B, H+T, D]
     vv = jnp.concatenate([history[1].astype(v.dtype), v], axis=1)
     scale = 1.0 / float(dim) ** 0.5
+    if segment_ids is not None:
+        out = _segmented(q, kk, vv, start, segment_ids, window, rule, scale)
+        return out, (kk[:, -span:], vv[:, -span:])
     q_pos = start + jnp.arange(t, dtype=jnp.int32)
     k_pos = start - span + jnp.arange(span + t, dtype=jnp.int32)
     if t <= window:  # short chunks (decoding): attend to the whole (history + chunk) directly
@@ -119,4 +131,40 @@ def _blocked(q, kk, vv, q_pos, k_pos, window, rule, scale) -> Array:
     kpw = three_block_window(k_pos, 0)  # [nb, 3W]
     mask = visible(q_pos[:, :, None], kpw[:, None, :], window, rule)  # [nb, W, 3W]
     out = _masked_attend(q, kw, vw, mask, scale)
+    return out.reshape(b, nb * window, dim)[:, :t]
+
+
+def _segmented(q, kk, vv, start, segment_ids, window, rule, scale) -> Array:
+    """``windowed_attention`` with documents: per-row positions counted from each
+    document's start, and keys of other documents masked. q ``[B, T, D]``, kk/vv
+    ``[B, H + T, D]`` (history first) -> ``[B, T, D]``."""
+    b, t, dim = q.shape
+    span = 2 * window
+    seg = document_index(segment_ids)  # [B, T]: an id that comes back is a new document
+    q_pos = start + segment_positions(seg)  # [B, T]
+    hist = jnp.broadcast_to(start - span + jnp.arange(span, dtype=jnp.int32), (b, span))
+    k_pos = jnp.concatenate([hist, q_pos], axis=1)  # [B, H + T]
+    k_seg = jnp.concatenate([jnp.broadcast_to(seg[:, :1], (b, span)), seg], axis=1)
+    if t <= window:
+        mask = visible(q_pos[:, :, None], k_pos[:, None, :], window, rule)
+        mask = mask & (seg[:, :, None] == k_seg[:, None, :])
+        return _masked_attend(q, kk, vv, mask, scale)
+    pad = (-t) % window
+    nb = (t + pad) // window
+    k_ok = jnp.pad(jnp.ones((b, span + t), bool), ((0, 0), (0, pad)))  # padded keys: never
+
+    def blocks(x: Array, n: int) -> Array:  # [B, n·W, ...] (padded) -> [B, n, W, ...]
+        x = jnp.pad(x, ((0, 0), (0, n * window - x.shape[1]), *((0, 0),) * (x.ndim - 2)))
+        return x.reshape(b, n, window, *x.shape[2:])
+
+    def three(x: Array) -> Array:  # [B, nb + 2, W, ...] -> [B, nb, 3W, ...]
+        parts = [jax.lax.slice_in_dim(x, i, i + nb, axis=1) for i in range(3)]
+        return jnp.concatenate(parts, axis=2)
+
+    kw, vw = three(blocks(kk, nb + 2)), three(blocks(vv, nb + 2))  # [B, nb, 3W, D]
+    kp, ks, ko = (three(blocks(x, nb + 2)) for x in (k_pos, k_seg, k_ok))  # [B, nb, 3W]
+    qp, qs = blocks(q_pos, nb), blocks(seg, nb)  # [B, nb, W]
+    mask = visible(qp[..., None], kp[:, :, None, :], window, rule)  # [B, nb, W, 3W]
+    mask = mask & (qs[..., None] == ks[:, :, None, :]) & ko[:, :, None, :]
+    out = _masked_attend(blocks(q, nb), kw, vw, mask, scale)
     return out.reshape(b, nb * window, dim)[:, :t]

@@ -21,6 +21,10 @@ Two forms with identical results:
   by a scan over T/C steps. T need not be a multiple of C: the tail is padded with
   k = v = q = 0 and log γ = 0, which leaves both outputs and the state unchanged.
 
+Document resets (``resets`` bool ``[B, T]``, ``qpf.ops.segments``): at a reset the state
+carried in is zero, S_t = v_t k_t^H (γ_t = 0); the chunked form masks the within-chunk
+weights across a reset and the state across the chunks instead of taking log 0.
+
 Matrix products run in the inputs' dtype with float32 accumulation; decays, the state and
 every product with the state are float32.
 """
@@ -74,6 +78,7 @@ def matrix_state_recurrent(
     s0: Array | None = None,
     *,
     unroll: int = 1,
+    resets: Array | None = None,
 ) -> tuple[Array, Array]:
     """The exact step-by-step recurrence (reference and decoding form).
 
@@ -81,6 +86,7 @@ def matrix_state_recurrent(
       q, k: ``[B, T, H, 2, Dk]``; v: ``[B, T, H, 2, Dv]``; log_gamma: ``[B, T, H]`` (≤ 0);
       s0: ``[B, H, 2, Dv, Dk]`` float32 initial state (zeros if None).
       unroll: ``lax.scan`` unroll.
+      resets: bool ``[B, T]`` document starts (zero state carried in), or None.
 
     Returns:
       (y ``[B, T, H, 2, Dv]`` in q's dtype, S_T ``[B, H, 2, Dv, Dk]`` float32).
@@ -90,17 +96,21 @@ def matrix_state_recurrent(
     dv = v.shape[-1]
     s0 = zero_state(b, h, dv, dk) if s0 is None else s0.astype(F32)
 
+    if resets is None:
+        resets = jnp.zeros(q.shape[:2], bool)
+
     def step(s, inp):
-        qt, kt, vt, lg = inp  # [B, H, 2, D], [B, H]
+        qt, kt, vt, lg, rt = inp  # [B, H, 2, D], [B, H], [B]
         kr, ki = _parts(kt.astype(F32))
         vr, vi = _parts(vt.astype(F32))
         outer = lambda a, c: a[..., :, None] * c[..., None, :]  # noqa: E731
         # v k^H = (vr + i vi)(kr − i ki)^T.
         upd = jnp.stack([outer(vr, kr) + outer(vi, ki), outer(vi, kr) - outer(vr, ki)], axis=-3)
-        s = jnp.exp(lg.astype(F32))[..., None, None, None] * s + upd
+        keep = jnp.where(rt[:, None], 0.0, jnp.exp(lg.astype(F32)))  # γ_t, 0 at a reset
+        s = keep[..., None, None, None] * s + upd
         return s, _read(s, qt)
 
-    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, log_gamma))
+    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, log_gamma, resets))
     s_last, ys = jax.lax.scan(step, s0, xs, unroll=unroll)
     return jnp.moveaxis(ys, 0, 1).astype(q.dtype), s_last
 
@@ -113,8 +123,13 @@ def matrix_state_chunked(
     s0: Array | None = None,
     *,
     chunk_size: int = 64,
+    resets: Array | None = None,
 ) -> tuple[Array, Array]:
     """The chunked parallel form; same arguments and results as ``matrix_state_recurrent``.
+
+    With ``resets``, r_t counts the resets of a chunk up to t: the weight of s for t is
+    kept only when r_s = r_t, the carried state is read only while r_t = 0, a chunk hands
+    on only the steps after its last reset, and the carry into it only without a reset.
 
     Per chunk of C steps (n indexes chunks, t and s steps within one):
       L_t = Σ_{r≤t} log γ_r,
@@ -154,6 +169,9 @@ def matrix_state_chunked(
     cum_h = jnp.moveaxis(cum, 3, 2)  # [B, N, H, C]
     diff = cum_h[..., :, None] - cum_h[..., None, :]  # L_t − L_s
     causal = jnp.tril(jnp.ones((c, c), bool))
+    if resets is not None:  # r_t: resets so far in the chunk
+        r = jnp.cumsum(chunks(resets.astype(jnp.int32)), axis=2)  # [B, N, C]
+        causal = causal & (r[:, :, None, :, None] == r[:, :, None, None, :])  # [B,N,1,C,C]
     decay = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
     a_re = (decay * score_re).astype(cd)
     a_im = (decay * score_im).astype(cd)
@@ -163,6 +181,11 @@ def matrix_state_chunked(
 
     # Each chunk's own contribution to the state it hands on: Σ_s exp(L_C − L_s)·v_s k_s^H.
     w = jnp.exp(total[:, :, None, :] - cum)  # [B, N, C, H], ≤ 1
+    if resets is not None:  # only the steps after the chunk's last reset reach its end
+        w = jnp.where((r == r[:, :, -1:])[..., None], w, 0.0)
+        total_keep = jnp.where((r[:, :, -1] == 0)[..., None], jnp.exp(total), 0.0)
+    else:
+        total_keep = jnp.exp(total)
     kr, ki = _parts(kc.astype(F32))
     vr32, vi32 = vr.astype(F32) * w[..., None], vi.astype(F32) * w[..., None]
     outer = lambda a, c_: jnp.einsum("bnshi,bnshj->bnhij", a, c_)  # noqa: E731
@@ -171,12 +194,14 @@ def matrix_state_chunked(
     )  # [B, N, H, 2, Dv, Dk]
 
     def carry(s, inp):
-        tot, d = inp  # [B, H], [B, H, 2, Dv, Dk]
-        return jnp.exp(tot)[..., None, None, None] * s + d, s
+        keep, d = inp  # [B, H] (exp of the chunk's total log-decay), [B, H, 2, Dv, Dk]
+        return keep[..., None, None, None] * s + d, s
 
-    s_last, s_in = jax.lax.scan(carry, s0, (jnp.moveaxis(total, 1, 0), jnp.moveaxis(delta, 1, 0)))
+    xs = (jnp.moveaxis(total_keep, 1, 0), jnp.moveaxis(delta, 1, 0))
+    s_last, s_in = jax.lax.scan(carry, s0, xs)
     s_in = jnp.moveaxis(s_in, 0, 1)  # [B, N, H, 2, Dv, Dk]: the state entering each chunk
     # Inter-chunk read exp(L_t)·S_n q_t (float32: the state is never rounded).
-    y_inter = _read(s_in[:, :, None], qc) * jnp.exp(cum)[..., None, None]
+    read_w = jnp.exp(cum) if resets is None else jnp.where((r == 0)[..., None], jnp.exp(cum), 0.0)
+    y_inter = _read(s_in[:, :, None], qc) * read_w[..., None, None]
     y = (y_intra + y_inter).reshape(b, n * c, h, 2, dv)[:, :t]
     return y.astype(q.dtype), s_last

@@ -15,6 +15,11 @@ never the reverse: importing ``kernels`` registers it here (``register_scan_back
 ``auto`` resolves at trace time: ``pallas`` on GPU when registered, else ``chunked`` on
 accelerators and ``sequential`` on CPU.
 
+Document resets (``resets`` bool ``[B, T]``, see ``qpf.ops.segments``): a reset at t makes
+the state carried into t zero, h_t = b_t, by zeroing a_t there; every backend runs the same
+(a, b) so they all honour it. The fused Pallas kernel has no reset input: with resets,
+``oscillatory_scan`` runs the chunked backend instead (same result, no fused kernel).
+
 Complex values are Phase2D real pairs ``[B, T, 2, N]`` (see ``qpf.ops.phase2d``); a real
 recurrence ``[B, T, N]`` is the same code with ``complex_pairs=False``.
 
@@ -152,11 +157,23 @@ def _chunked(a: _Parts, b: _Parts, h0: _Parts, chunk: int) -> tuple[_Parts, _Par
     return h, h_last
 
 
+def apply_resets(a: Array, resets: Array | None, complex_pairs: bool = True) -> Array:
+    """a with a_t = 0 where ``resets`` [B, T] is True (the state carried into t is zero).
+
+    a: ``[B, T, 2, N]`` (complex pairs) or ``[B, T, N]``; returned unchanged if resets is None.
+    """
+    if resets is None:
+        return a
+    r = resets.reshape(*resets.shape, *(1,) * (a.ndim - 2))
+    return jnp.where(r, jnp.zeros((), a.dtype), a)
+
+
 def linear_scan(
     a: Array,
     b: Array,
     h0: Array | None = None,
     *,
+    resets: Array | None = None,
     scan_type: ScanType = "sequential",
     chunk_size: int = 128,
     unroll: int = 1,
@@ -168,6 +185,8 @@ def linear_scan(
     Args:
       a, b: ``[B, T, 2, N]`` complex pairs (or ``[B, T, N]`` real with complex_pairs=False).
       h0: initial state ``[B, 2, N]`` (``[B, N]``); zeros if None.
+      resets: bool ``[B, T]``, True where a document starts: the state carried into that
+        step is zero (h_t = b_t). None: no resets (bit-identical to before).
       scan_type: 'sequential' (lax.scan), 'associative' (lax.associative_scan) or
         'chunked' (associative within ``chunk_size`` chunks, sequential across them).
       unroll: lax.scan unroll factor for the sequential backend.
@@ -190,6 +209,9 @@ def linear_scan(
     h0 = jnp.zeros(state_shape, acc) if h0 is None else h0.astype(acc)
     if h0.shape != state_shape:
         raise ValueError(f"linear_scan: h0 has shape {h0.shape}, expected {state_shape}")
+    if resets is not None and resets.shape != b.shape[:2]:
+        raise ValueError(f"linear_scan: resets {resets.shape} must be [B, T] = {b.shape[:2]}")
+    a = apply_resets(a.astype(acc), resets, complex_pairs)
     ap, bp, hp = (_to_parts(x.astype(acc), complex_pairs) for x in (a, b, h0))
     if b.shape[1] == 0:
         return b.astype(out_dtype), h0
@@ -231,6 +253,7 @@ def oscillatory_scan(
     skew: Array,
     h0: Array | None = None,
     *,
+    resets: Array | None = None,
     scan_type: ScanType = "sequential",
     chunk_size: int = 128,
     unroll: int = 1,
@@ -239,9 +262,13 @@ def oscillatory_scan(
 
     The one entry point of the SSM layer; see ``linear_scan`` for backends and shapes.
     gate_logits ``[B, T, N]``, bx ``[B, T, 2, N]``, damping_logit/skew ``[N]``,
-    h0 ``[B, 2, N]``. Returns (h ``[B, T, 2, N]``, h_last ``[B, 2, N]``).
+    h0 ``[B, 2, N]``, resets bool ``[B, T]`` (document starts: zero state carried in).
+    Returns (h ``[B, T, 2, N]``, h_last ``[B, 2, N]``). With resets, a fused kernel
+    (``pallas``, also when ``auto`` picks it) is replaced by the ``chunked`` backend.
     """
     scan_type = resolve_scan_type(scan_type)
+    if resets is not None and (scan_type in SCAN_BACKENDS or scan_type == "pallas"):
+        scan_type = "chunked"  # the fused kernels take no resets
     if scan_type in SCAN_BACKENDS:
         return SCAN_BACKENDS[scan_type](gate_logits, bx, damping_logit, skew, h0)
     if scan_type == "pallas":
@@ -250,5 +277,12 @@ def oscillatory_scan(
         )
     a, b = oscillatory_coefficients(gate_logits, bx, damping_logit, skew)
     return linear_scan(
-        a, b, h0, scan_type=scan_type, chunk_size=chunk_size, unroll=unroll, out_dtype=bx.dtype
+        a,
+        b,
+        h0,
+        resets=resets,
+        scan_type=scan_type,
+        chunk_size=chunk_size,
+        unroll=unroll,
+        out_dtype=bx.dtype,
     )

@@ -16,7 +16,7 @@ from qpf import config as cfgs
 from qpf.config import ConfigError, nonnegative_int, one_of, positive_int, require
 from qpf.data import DataConfig
 from qpf.diagnostics.in_step import INSIGHT_MODES
-from qpf.models.family import ModelFamily
+from qpf.models.family import ModelFamily, check_segment_resets
 from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig
 from qpf.zoo import get_family, resolve_model
@@ -39,6 +39,7 @@ RESUME_FIXED_DATA_FIELDS = (
     "eval_fraction",
     "eval_split",
     "tokenizer_options",
+    "segment_ids",
 )
 
 
@@ -116,6 +117,10 @@ class RunConfig:
     optim: OptimConfig
     loss: LossConfig
     train: TrainConfig
+
+    def __post_init__(self) -> None:
+        if self.data.segment_ids:
+            check_segment_resets(self.family, self.model_config)
 
     @property
     def family(self) -> ModelFamily:

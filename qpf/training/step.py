@@ -20,8 +20,9 @@ import optax
 from flax import linen as nn
 
 from qpf.diagnostics import in_step
-from qpf.models.family import apply_for_features
+from qpf.models.family import apply_for_features, check_segment_resets
 from qpf.training.objectives import LossConfig, objective_terms
+from qpf.zoo import family_of
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -81,6 +82,16 @@ MicroLoss = Callable[[Any, Batch, Array, Array, Any], tuple[Array, Metrics]]
 Gradients = Callable[[Any, Batch, Array, Array, Any], tuple[Any, Array, Metrics]]
 
 
+def segment_kwargs(module: nn.Module, batch: Batch) -> dict[str, Array]:
+    """``{"segment_ids": [B, T]}`` when the batch carries document ids (``DataConfig.
+    segment_ids``), else ``{}`` (the call is then exactly as without them). A family that
+    does not reset at document starts raises ``ConfigError`` naming the fix."""
+    if "segment_ids" not in batch:
+        return {}
+    check_segment_resets(family_of(module.config), module.config)
+    return {"segment_ids": batch["segment_ids"]}
+
+
 def _weighted_loss(loss_cfg: LossConfig, terms: Metrics, total_tokens: Array, n: int) -> Array:
     """This micro-batch's share of the step loss (summed over micro-batches = the loss).
 
@@ -119,6 +130,7 @@ def _make_micro_loss(
             deterministic=False,
             rngs={"dropout": rng},
             **extra,
+            **segment_kwargs(module, micro),
         )
         terms = objective(out, micro["tokens"], micro["mask"], loss_cfg)
         aux = {k: terms[k] for k in AUX_TERMS if k in terms}
@@ -232,7 +244,9 @@ def make_train_step(
     ``donate_argnums=0`` so params and optimizer state are updated in place).
 
     batch: ``tokens`` int ``[B, T]`` (``[B, T, 3]`` morphological) and ``mask`` bool
-    ``[B, T]``; B must divide by ``grad_accum`` (micro-batch i is rows ``i::grad_accum``).
+    ``[B, T]`` (and ``segment_ids`` int ``[B, T]`` when the data emits them: passed to the
+    model, see ``segment_kwargs``); B must divide by ``grad_accum`` (micro-batch i is rows
+    ``i::grad_accum``).
     Dropout keys derive from (seed, step, micro-batch), so a resumed run draws the same
     masks. The model is asked for pre-head features when its family offers them, so the CE
     runs through the fused head (``LossConfig.ce_impl``). ``objective`` (signature of
@@ -274,7 +288,13 @@ def make_eval_step(module: nn.Module, loss_cfg: LossConfig) -> Callable[[Any, Ba
     """
 
     def step(params: Any, batch: Batch) -> Metrics:
-        out = apply_for_features(module, {"params": params}, batch["tokens"], deterministic=True)
+        out = apply_for_features(
+            module,
+            {"params": params},
+            batch["tokens"],
+            deterministic=True,
+            **segment_kwargs(module, batch),
+        )
         terms = objective_terms(out, batch["tokens"], batch["mask"], loss_cfg)
         tmask = batch["mask"][:, 1:]
         nbytes = jnp.where(tmask, batch["target_bytes"][:, 1:], 0).sum()
