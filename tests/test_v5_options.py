@@ -101,8 +101,8 @@ RECURRENCE_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("ssm", "selectivity", "scan_type"), RECURRENCE_CASES)
-def test_recurrences_match_a_numpy_complex_loop(ssm, selectivity, scan_type):
+def _ssm_case(ssm: str, selectivity: str, scan_type: str):
+    """One SSM layer with perturbed parameters, its input x [B, T, 2, D] and h0 [B, 2, N]."""
     cfg = cfgs.BackboneConfig(
         state_dim=N, num_layers=1, ssm=ssm, selectivity=selectivity, scan_type=scan_type,
         chunk_size=4, dropout=0.0,
@@ -110,7 +110,12 @@ def test_recurrences_match_a_numpy_complex_loop(ssm, selectivity, scan_type):
     layer = OscillatorySSMLayer(cfg=cfg)
     x = jax.random.normal(jax.random.key(0), (B, T, 2, D))
     h0 = 0.5 * jax.random.normal(jax.random.key(2), (B, 2, N))
-    params = _perturb(layer.init(jax.random.key(1), x, h0)["params"], 0.1)
+    return cfg, layer, x, h0, _perturb(layer.init(jax.random.key(1), x, h0)["params"], 0.1)
+
+
+@pytest.mark.parametrize(("ssm", "selectivity", "scan_type"), RECURRENCE_CASES)
+def test_recurrences_match_a_numpy_complex_loop(ssm, selectivity, scan_type):
+    cfg, layer, x, h0, params = _ssm_case(ssm, selectivity, scan_type)
     y, h_last = jax.jit(layer.apply)({"params": params}, x, h0)
     y_ref, h_ref = _np_layer(cfg, params, x, h0)
     np.testing.assert_allclose(_c(y), y_ref, rtol=1e-4, atol=1e-5)
@@ -206,14 +211,7 @@ RESET_CASES = [
 def test_recurrences_with_document_resets_match_the_numpy_loop(ssm, selectivity, scan_type):
     """segment_ids: the state carried into each document start is zero (v4 recurrence via
     oscillatory_scan, the LRU/RG-LRU via linear_scan), on every backend."""
-    cfg = cfgs.BackboneConfig(
-        state_dim=N, num_layers=1, ssm=ssm, selectivity=selectivity, scan_type=scan_type,
-        chunk_size=4, dropout=0.0,
-    )  # fmt: skip
-    layer = OscillatorySSMLayer(cfg=cfg)
-    x = jax.random.normal(jax.random.key(0), (B, T, 2, D))
-    h0 = 0.5 * jax.random.normal(jax.random.key(2), (B, 2, N))
-    params = _perturb(layer.init(jax.random.key(1), x, h0)["params"], 0.1)
+    cfg, layer, x, h0, params = _ssm_case(ssm, selectivity, scan_type)
     seg = (jnp.arange(T)[None, :] >= jnp.array([[3], [6]])).astype(jnp.int32)  # [B, T]
     y, h_last = jax.jit(layer.apply)({"params": params}, x, h0, True, seg)
     resets = np.asarray(seg[:, 1:] != seg[:, :-1])
