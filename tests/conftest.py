@@ -91,6 +91,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
     class FamilyCaseScopes(LoadScopeScheduling):
+        # ``_split_scope`` is the one method xdist's own scope schedulers (loadscope,
+        # loadfile, loadgroup) override to define their scopes (pytest-xdist >= 3.8).
         def _split_scope(self, nodeid: str) -> str:
             return schedule_scope(nodeid)
 
