@@ -475,6 +475,11 @@ class ModelConfig(NumericsConfig):
     dtype: compute dtype of GEMMs (parameters stay ``param_dtype``); norms, softmaxes and
       the scan accumulate in float32.
     matmul_precision: precision of float32 matrix products (``MATMUL_PRECISIONS``).
+    tie_embeddings: the LM head is the embedding tables, logit_v = Re(<z, e_v>), instead of
+      its own ``[2d, V]`` kernel ('token' mode only; v4 unties them). At GPT-2 vocabulary
+      this halves the embedding's share of the parameters.
+    head_norm: the norm before the LM head, ``NORM_TYPES``: 'v4' (Phase2DLayerNorm, which
+      subtracts the mean magnitude) or 'rms' (the phase-preserving complex RMS norm).
     """
 
     family_name: ClassVar[str] = "qpf"  # its qpf.zoo family (not a field)
@@ -489,11 +494,21 @@ class ModelConfig(NumericsConfig):
     episodic: EpisodicConfig | None = EpisodicConfig()
     byte_patch: BytePatchConfig = BytePatchConfig()
     morphology: MorphologyEmbedConfig = MorphologyEmbedConfig()
+    tie_embeddings: bool = False
+    head_norm: str = "v4"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive_int(self, "vocab_size", "dim")
         one_of(self, "input_mode", INPUT_MODES)
+        one_of(self, "head_norm", NORM_TYPES)
+        require(
+            not self.tie_embeddings or self.input_mode == "token",
+            self,
+            "tie_embeddings",
+            "False unless input_mode is 'token' (byte patches and morphological ids have no "
+            "per-token table to tie)",
+        )
         require(isinstance(self.banks, tuple), self, "banks", "a tuple of bank configs")
         names = [b.type for b in self.banks]
         require(len(set(names)) == len(names), self, "banks", "distinct bank types")

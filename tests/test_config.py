@@ -31,6 +31,10 @@ from qpf.zoo import family_names, get_family
             "ModelConfig.banks",
         ),
         (lambda: cfgs.MorphologyEmbedConfig(prefix_vocab_size=3), "prefix_vocab_size"),
+        (
+            lambda: cfgs.ModelConfig(input_mode="byte_patch", vocab_size=259, tie_embeddings=True),
+            "ModelConfig.tie_embeddings",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_the_allowed_range(build, field):

@@ -14,6 +14,8 @@ from tiny_configs import ALL_BANKS
 from qpf import config as cfgs
 from qpf.models import QPFModel, init_state
 from qpf.models.phase_field import segment_resets
+from qpf.ops import norms
+from qpf.ops import phase2d as p2d
 from qpf.presets import TEST_MATRIX_PRESETS, TEST_V5_PRESET
 from qpf.training.objectives import LossConfig, objective_terms, total_loss
 
@@ -119,6 +121,43 @@ def test_every_parameter_receives_gradient_from_the_training_loss(mode):
     assert not failures, "\n".join(failures)
 
 
+def test_tied_head_is_the_embedding_tables_and_collects_both_gradients():
+    """tie_embeddings: logits = features @ [E_re | E_im]^T (Re<z, e_v>), exactly the untied
+    model whose head kernel holds the tables, and the tables' gradient is that model's
+    embedding gradient plus its head gradient."""
+    tied = small_config("token", banks=ALL_BANKS[:1], tie_embeddings=True, head_norm="rms")
+    untied = dataclasses.replace(tied, tie_embeddings=False)
+    model, params, tokens = build(tied, t=13)
+    assert "output_proj" not in params
+    emb = params["embed"]
+    table = np.concatenate([emb["embedding_re"], emb["embedding_im"]], axis=1)  # [V, 2d]
+    out = model.apply({"params": params}, tokens, return_features=True)
+    # head_norm 'rms': the features are the complex RMS norm of head_proj(phase states).
+    head_proj = lambda m, h: m.head_proj(h)  # noqa: E731
+    projected = model.apply({"params": params}, out.phase_states, method=head_proj)
+    z = np.asarray(projected, np.float64)
+    rms = np.sqrt((z**2).sum(-2).mean(-1) + norms.RMS_NORM_EPS)[..., None, None]
+    expected = z / rms * np.asarray(params["head_norm"]["scale"])
+    np.testing.assert_allclose(out.features, p2d.to_concat(expected), rtol=1e-5, atol=1e-6)
+    logits = model.apply({"params": params}, tokens).logits
+    np.testing.assert_allclose(logits, np.asarray(out.features) @ table.T, rtol=1e-5, atol=1e-6)
+    untied_params = {**params, "output_proj": {"kernel": jnp.asarray(table.T)}}
+
+    def loss(config, p):
+        logits = QPFModel(config).apply({"params": p}, tokens[:, :-1]).logits
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)
+        return -picked.mean()
+
+    np.testing.assert_allclose(loss(tied, params), loss(untied, untied_params), rtol=1e-6, atol=0)
+    g_tied = jax.grad(loss, argnums=1)(tied, params)["embed"]
+    g_untied = jax.grad(loss, argnums=1)(untied, untied_params)
+    head = np.asarray(g_untied["output_proj"]["kernel"])  # [2d, V]
+    d = tied.dim
+    for part, rows in (("embedding_re", head[:d]), ("embedding_im", head[d:])):
+        expected = np.asarray(g_untied["embed"][part]) + rows.T
+        np.testing.assert_allclose(g_tied[part], expected, rtol=1e-5, atol=1e-7, err_msg=part)
+
+
 @pytest.mark.parametrize(
     ("mode", "banks", "regime", "cuts"),
     [
@@ -127,10 +166,14 @@ def test_every_parameter_receives_gradient_from_the_training_loss(mode):
         ("token", ALL_BANKS[:2], "chunked", (0, 11, 12, 13, 22)),
         ("byte_patch", ALL_BANKS[:2], "chunked", (0, 3, 12, 21, 22)),
         ("morphological", ALL_BANKS[1:2], "sliding", (0, 2, 15, 22)),
+        ("token-tied", ALL_BANKS[1:2], "chunked", (0, 4, 13, 22)),
     ],
 )
 def test_processing_in_pieces_with_carried_state_equals_one_pass(mode, banks, regime, cuts):
-    config = small_config(mode, banks=banks, regime=regime)
+    tied = mode == "token-tied"
+    config = small_config(
+        mode.removesuffix("-tied"), banks=banks, regime=regime, tie_embeddings=tied
+    )
     model, params, tokens = build(config, t=22, seed=3)
     apply = jax.jit(lambda x, s: model.apply({"params": params}, x, s))
     full = model.apply({"params": params}, tokens).logits

@@ -111,7 +111,7 @@ class Phase2DEmbed(nn.Module):
 
     Both tables start N(0, 0.02) (the original's effective init). There is no frozen padding
     row: the original froze GPT-2 token 0 ('!') by mistake (bug 22.6); padded positions are
-    masked in the loss instead.
+    masked in the loss instead. ``head_weight`` hands out the tables as a tied LM head.
     """
 
     vocab_size: int
@@ -119,13 +119,21 @@ class Phase2DEmbed(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, ids: Array) -> Array:
+    def setup(self) -> None:
         shape = (self.vocab_size, self.dim)
-        t_re = self.param("embedding_re", normal_002, shape, self.param_dtype)
-        t_im = self.param("embedding_im", normal_002, shape, self.param_dtype)
-        x = p2d.join(jnp.take(t_re, ids, axis=0), jnp.take(t_im, ids, axis=0))
+        self.embedding_re = self.param("embedding_re", normal_002, shape, self.param_dtype)
+        self.embedding_im = self.param("embedding_im", normal_002, shape, self.param_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        x = p2d.join(
+            jnp.take(self.embedding_re, ids, axis=0), jnp.take(self.embedding_im, ids, axis=0)
+        )
         return x.astype(self.dtype or x.dtype)
+
+    def head_weight(self) -> Array:
+        """The tables as an LM head ``[2·dim, V]`` over concatenated features
+        ``[re | im]``: logit_v = Re(⟨z, e_v⟩) = z_re·e_re,v + z_im·e_im,v."""
+        return jnp.concatenate([self.embedding_re, self.embedding_im], axis=1).T
 
 
 class PhaseModule(nn.Module):

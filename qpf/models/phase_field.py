@@ -18,6 +18,7 @@ from flax import linen as nn
 from qpf import config as cfgs
 from qpf.layers.backbones import BACKBONES
 from qpf.layers.banks import BANKS
+from qpf.layers.blocks import ComplexRMSNorm
 from qpf.layers.core import Phase2DEmbed, Phase2DLayerNorm, Phase2DLinear, complex_table, dense
 from qpf.layers.coupler import COUPLERS, coupling_loss
 from qpf.layers.embeddings import (
@@ -30,6 +31,7 @@ from qpf.layers.head import LMHead
 from qpf.layers.memory import MEMORIES, EpisodicMemory
 from qpf.models.contract import DTYPES, ModelOutput, State, applies_matmul_precision
 from qpf.ops import phase2d as p2d
+from qpf.ops.losses import head_logits
 
 Array = jax.Array
 
@@ -128,8 +130,10 @@ class QPFModel(nn.Module):
             self.episodic = EpisodicMemory(cfg=c.episodic, **kw)
         if c.input_mode != "byte_patch":
             self.head_proj = Phase2DLinear(features=c.dim, **kw)
-            self.head_norm = Phase2DLayerNorm(param_dtype=kw["param_dtype"])
-            self.output_proj = LMHead(c.vocab_size, **kw)
+            norm = ComplexRMSNorm if c.head_norm == "rms" else Phase2DLayerNorm
+            self.head_norm = norm(param_dtype=kw["param_dtype"])
+            if not c.tie_embeddings:
+                self.output_proj = LMHead(c.vocab_size, **kw)
         if c.input_mode == "morphological":
             m = c.morphology
             self.prefix_head = dense(m.prefix_vocab_size, use_bias=False, **kw)
@@ -196,18 +200,25 @@ class QPFModel(nn.Module):
         )
         new_state["pos"] = state["pos"] + inputs.shape[1]
         u = p2d.to_concat(self.head_norm(self.head_proj(h)))
+        weight = self._head_weight(u)
         out = ModelOutput(
-            logits=None if return_features else self.output_proj(u),
+            logits=None if return_features else head_logits(u, weight, DTYPES[self.config.dtype]),
             phase_states=h,
             coupling_loss=coupling,
             state=new_state,
             intermediates=inter if return_intermediates else None,
             features=u if return_features else None,
-            head_weight=self.output_proj(u, return_weight=True) if return_features else None,
+            head_weight=weight if return_features else None,
         )
         if self.config.input_mode == "morphological":
             out = out.replace(prefix_logits=self.prefix_head(u), suffix_logits=self.suffix_head(u))
         return out
+
+    def _head_weight(self, features: Array) -> Array:
+        """The LM head kernel ``[2d, V]``: its own, or the embedding tables when tied."""
+        if self.config.tie_embeddings:
+            return self.embed.head_weight()
+        return self.output_proj(features, return_weight=True)
 
     # ---------------------------------------------------------------- shared trunk
 
