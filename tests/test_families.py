@@ -285,13 +285,11 @@ def test_resume_gives_the_uninterrupted_loss_sequence(spec, data_dir, tmp_path):
 LEAK_STEPS, LEAK_LR, LEAK_MARGIN = 40, 1e-2, 0.05
 
 
-def random_bytes_eval_ce(module: nn.Module, params: Any, seed: int = 0, apply: Any = None) -> float:
+def random_bytes_eval_ce(module: nn.Module, params: Any, seed: int = 0) -> float:
     """Eval CE (nats) on fresh i.i.d. bytes after LEAK_STEPS Adam steps on other such bytes.
 
     A causal model cannot beat the uniform ln 256 on data independent of its inputs; one
-    that sees token t+1 at logits[t] learns to copy it and falls far below. ``apply``: a
-    jitted (params, inputs, state) -> ModelOutput of ``module`` to evaluate with (a case's
-    ``built`` one, already compiled for these shapes); default: jit ``module.apply``.
+    that sees token t+1 at logits[t] learns to copy it and falls far below.
     """
     shape = (len(POSITIONS) + 1, T)
     tx = optax.adam(LEAK_LR)
@@ -301,9 +299,9 @@ def random_bytes_eval_ce(module: nn.Module, params: Any, seed: int = 0, apply: A
     for k in keys[:LEAK_STEPS]:
         batch = {"tokens": jax.random.randint(k, shape, 0, 256), "mask": jnp.ones(shape, bool)}
         state, _ = step(state, batch)
-    apply = apply or jax.jit(lambda p, x, s: module.apply({"params": p}, x, state=s))
+    forward = jax.jit(lambda p, x: module.apply({"params": p}, x).logits)
     evals = [jax.random.randint(k, shape, 0, 256) for k in keys[LEAK_STEPS:]]
-    return float(np.mean([mean_ce(apply(state.params, x, None).logits, x) for x in evals]))
+    return float(np.mean([mean_ce(forward(state.params, x), x) for x in evals]))
 
 
 @pytest.mark.slow
@@ -315,7 +313,7 @@ def test_random_bytes_do_not_leak_the_next_token(spec):
         # test_causal shows such a config's leak exactly; how fast training exploits it
         # depends on the model, so its family's own tests train long enough to measure it.
         pytest.skip(f"declared leaky ({reason}); test_causal asserts the leak")
-    ce = random_bytes_eval_ce(b.module, b.params, apply=b.apply)
+    ce = random_bytes_eval_ce(b.module, b.params)
     assert ce >= LN_256 - LEAK_MARGIN, f"eval CE {ce:.4f} < ln 256 = {LN_256:.4f}: a leak"
 
 
