@@ -48,8 +48,8 @@ FAMILY_TESTS = "test_families.py"
 # The heaviest files, by measured wall time (``--durations``, 2 cores, cold compile cache),
 # heaviest first; the family cases follow them, then every other file in collection order.
 HEAVY_FIRST: tuple[str, ...] = (
-    "test_trainer.py",
     "test_phase_field.py",
+    "test_trainer.py",
     "test_torch_weights.py",
     "test_scan.py",
     "test_matrix_state.py",

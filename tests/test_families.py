@@ -10,7 +10,8 @@ zero-initialised branches cannot hide a violation:
 - decode: prefill and decoding in pieces with a carried state equal one full pass (and
   dropping the carried state breaks that: the negative control);
 - bf16: bfloat16 compute stays close to float32, relative to the logits' spread;
-- resume: training N steps equals N/2 steps, checkpoint, resume N/2 (the trainer CLI);
+- resume: resuming an N-step run from its step-N/2 checkpoint reproduces its last N/2
+  losses (the trainer CLI);
 - no_leak: trained on i.i.d. random bytes, eval CE stays >= ln 256 - margin (a family
   that declares ``expected_leak`` for a config must instead show the leak).
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -257,16 +260,24 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", RESUME_CASES)
 def test_resume_gives_the_uninterrupted_loss_sequence(spec, data_dir, tmp_path):
+    """A 4-step run checkpoints at steps 2 and 4; a copy of it, cut back to step 2 (its
+    step-4 checkpoint and the records of steps 3-4 removed), resumes to step 4 and logs the
+    losses of steps 3-4 of the uninterrupted run, to the bit."""
     require(built(spec), "resume")
-    assert train_cli.main(_train_args(spec, data_dir, tmp_path / "full", 4)) == 0
-    split = _train_args(spec, data_dir, tmp_path / "split", 2, "--set", "optim.decay_steps=4")
-    assert train_cli.main(split) == 0
-    resume = ["--run-dir", str(tmp_path / "split"), "--resume", "--steps", "4", "--no-progress"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train_cli.main(_train_args(spec, data_dir, full, 4)) == 0
+    shutil.copytree(full, cut)
+    for folder in (cut / "checkpoints" / "4", cut / "best"):
+        shutil.rmtree(folder)
+    records = (cut / "metrics.jsonl").read_text().splitlines(keepends=True)
+    kept = [r for r in records if json.loads(r)["step"] <= 2]
+    (cut / "metrics.jsonl").write_text("".join(kept))
+    resume = ["--run-dir", str(cut), "--resume", "--steps", "4", "--no-progress"]
     assert train_cli.main(resume) == 0
-    full, parts = _losses(tmp_path / "full"), _losses(tmp_path / "split")
-    assert len(full) == 4
-    assert len(set(full)) == 4
-    np.testing.assert_array_equal(parts, full)
+    losses = _losses(full)
+    assert len(losses) == 4
+    assert len(set(losses)) == 4
+    np.testing.assert_array_equal(_losses(cut), losses)  # steps 1-2 kept, 3-4 recomputed
 
 
 # ------------------------------------------------------------------ random-bytes leak

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +37,11 @@ TINY = [
     "--set", "model.dim=8", "--set", "model.backbone.state_dim=16",
     "--set", "model.backbone.num_layers=1", "--set", "model.memory.num_slots=16",
     "--set", "model.episodic.window=4", "--set", "train.sample_tokens=0",
-    "--set", "train.tensorboard=false",
+    "--set", "train.tensorboard=false", "--set", "optim.decay_steps=2",
 ]  # fmt: skip
+# decay_steps: the learning-rate schedule is compiled into the train step; with one horizon
+# for every run, a run that trains past the fixture's (e.g. resumed to step 3) reuses its
+# compiled programs from the persistent compilation cache passed to the subprocesses.
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,12 @@ def env(tmp_path_factory, data_dir) -> dict[str, str]:
         TIKTOKEN_CACHE_DIR=str(cache / "tiktoken"),
         XLA_FLAGS=os.environ.get("XLA_FLAGS", "--xla_backend_optimization_level=0"),
     )
+    if cache_dir := jax.config.jax_compilation_cache_dir:  # conftest's, unless disabled
+        out.update(
+            JAX_COMPILATION_CACHE_DIR=cache_dir,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
     out["QPF_TEST_DATA_DIR"] = str(data_dir)
     return out
 

@@ -76,7 +76,8 @@ def test_loss_matches_objectives_and_accumulation_matches_one_batch():
 
 
 def test_step_lowers_the_loss():
-    _, state, step, batch = _setup(1, lr=3e-2)
+    # The next test's compiled step (persistent cache); measured loss 3.443 -> 3.305.
+    _, state, step, batch = _setup(1)
     first = None
     for _ in range(8):
         state, m = step(state, batch)
