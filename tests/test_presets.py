@@ -5,6 +5,7 @@ the transformer presets of the same base name."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,9 @@ def test_faithful_presets_are_the_table_with_every_other_field_at_its_default(na
 # ----------------------------------------------------------------------------- v5 presets
 
 V5_BASES = ("tiny", "small", "tiny-byte", "small-byte")
+# tiny-v5's screened BPE head changes (qpf.presets._V5_BPE_HEAD), written out again here.
+BPE_HEAD = {"tiny": {"num_layers": 6, "learning_rate": 3e-3}}
+BPE_HEAD_FIELDS = {"tie_embeddings": True, "head_norm": "rms", "backbone.max_phase": math.pi / 10}
 
 
 def _flat(tree: object, prefix: str = "") -> dict[str, object]:
@@ -144,10 +148,8 @@ def test_v5_presets_exist_resolve_through_the_zoo_and_keep_batch_and_lr():
         assert family_of(preset.model) is family
         assert preset is V5_PRESETS[f"{base}-v5"] is get_preset(f"{base}-v5")
         assert preset.name == f"{base}-v5"
-        assert (preset.batch_size, preset.learning_rate) == (
-            PRESETS[base].batch_size,
-            PRESETS[base].learning_rate,
-        )
+        lr = BPE_HEAD.get(base, {}).get("learning_rate", PRESETS[base].learning_rate)
+        assert (preset.batch_size, preset.learning_rate) == (PRESETS[base].batch_size, lr)
         assert preset.tokenizer == PRESETS[base].tokenizer
     with pytest.raises(cfgs.ConfigError, match="tiny-byte-v5"):
         get_preset("tiny-v6")
@@ -170,6 +172,8 @@ def test_v5_preset_is_its_base_with_only_the_documented_changes(base):
     }
     if base.endswith("-byte"):
         documented["input_mode"] = "token"  # plain bytes, vocabulary 259 kept
+    if base in BPE_HEAD:
+        documented |= BPE_HEAD_FIELDS | {"backbone.num_layers": BPE_HEAD[base]["num_layers"]}
     changed = _changed(old, new)
     # The sections removed (banks, memory, episodic) show as their leaves going absent.
     removed = {k for k, v in changed.items() if v == "<absent>"}
@@ -178,7 +182,8 @@ def test_v5_preset_is_its_base_with_only_the_documented_changes(base):
     assert {k: v for k, v in changed.items() if k not in removed | set(width)} == documented
     assert new.backbone.state_dim == 2 * new.dim
     assert new.vocab_size == old.vocab_size
-    assert new.backbone.num_layers == old.backbone.num_layers
+    if base not in BPE_HEAD:
+        assert new.backbone.num_layers == old.backbone.num_layers
 
 
 def test_v5_presets_are_the_ablation_grids_plain_bytes_node_at_their_width():
@@ -193,7 +198,10 @@ def test_v5_presets_are_the_ablation_grids_plain_bytes_node_at_their_width():
     for base in V5_BASES:
         v5 = V5_PRESETS[f"{base}-v5"].model
         width = {"dim": v5.dim, "backbone.state_dim": 2 * v5.dim}
-        assert ablate.apply_overrides(PRESETS[base].model, {**chain, **width}) == v5, base
+        extra = {}
+        if base in BPE_HEAD:
+            extra = BPE_HEAD_FIELDS | {"backbone.num_layers": BPE_HEAD[base]["num_layers"]}
+        assert ablate.apply_overrides(PRESETS[base].model, {**chain, **width, **extra}) == v5
 
 
 @pytest.mark.parametrize("base", V5_BASES)
