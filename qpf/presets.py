@@ -87,7 +87,8 @@ def v5_model(base: cfgs.ModelConfig, dim: int) -> cfgs.ModelConfig:
     - byte presets read plain bytes (``input_mode`` 'token', vocabulary 259, no byte
       patches): at 300k bytes validation loss 1.85 nats against 2.78 with patches of 4.
     - ``dim`` for the parameter budget, ``backbone.state_dim`` = 2·dim as in v4; layer
-      counts, batch size and learning rate stay the base preset's.
+      counts, batch size and learning rate stay the base preset's (``_build_v5`` then
+      applies ``_V5_BPE_HEAD`` to tiny-v5).
     """
     backbone = base.backbone
     if not isinstance(backbone, cfgs.BackboneConfig):
