@@ -22,7 +22,11 @@ train step, ``achieved_gflops`` that over the median step time and ``peak_fracti
 share of ``--peak-gflops`` (default: measured once at start with a large float32 matmul).
 ``head_ms`` splits the step: a second compiled variant replaces the LM head + CE by a cheap
 function of the head's input (the rest of the step is unchanged), and ``head_ms`` = step -
-that variant (families without pre-head features get none). ``--ce-impls fused,plain``
+that variant (families without pre-head features get none). ``head_matmul_ms`` times the
+head's three matmuls alone at the step's shapes (logits ``x @ W``, input gradient
+``G @ W^T``, weight gradient ``x^T @ G`` over the ``B·(T-1)`` positions with a target, in the
+model's compute dtype), so ``head_ms / head_matmul_ms`` is the output layer + loss against
+its unavoidable work. ``--ce-impls fused,plain``
 benchmarks each model with each CE path side by side (``LossConfig.ce_impl``).
 ``page_faults_per_step`` (minor + major, ``getrusage``) and ``rss_growth_bytes`` (peak RSS
 growth over the timed steps) show whether steps reuse their buffers.
@@ -51,7 +55,7 @@ import numpy as np
 from experiments.model_set import overrides_for, parse_models, parse_overrides
 from qpf.config import ConfigError
 from qpf.data import DataConfig
-from qpf.models.family import accepts_return_features
+from qpf.models.family import accepts_return_features, apply_for_features
 from qpf.training.config import RunConfig, TrainConfig
 from qpf.training.objectives import CE_IMPLS, LossConfig, objective_terms
 from qpf.training.optim import OptimConfig, make_optimizer
@@ -239,6 +243,8 @@ class Bench:
                 )
             )
         self.rest_times: list[float] = []
+        self.head_matmuls = self._head_matmuls(module, tokens) if self.rest_step else None
+        self.head_matmul_times: list[float] = []
         self.faults = 0
 
         # Reduce the logits over the vocabulary so the whole LM head is computed (as in a
@@ -252,6 +258,28 @@ class Bench:
         self.forward_times: list[float] = []
         self.loss = math.nan
 
+    def _head_matmuls(self, module: Any, tokens: jax.Array) -> tuple[Any, tuple]:
+        """The head's three matmuls at this step's shapes, compiled, with their operands."""
+        out = jax.eval_shape(
+            lambda p, t: apply_for_features(module, {"params": p}, t), self.state.params, tokens
+        )
+        f, v = out.head_weight.shape
+        n = tokens.shape[0] * (tokens.shape[1] - 1)
+        dtype = jnp.dtype(self.config.dtype)
+        key = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(key[0], (n, f), dtype)
+        w = jax.random.normal(key[1], (f, v), dtype)
+        g = jax.random.normal(key[2], (n, v), dtype)
+        acc = jnp.promote_types(dtype, jnp.float32)
+
+        def three(x: jax.Array, w: jax.Array, g: jax.Array) -> tuple[jax.Array, ...]:
+            dot = lambda a, b, dims: jax.lax.dot_general(  # noqa: E731
+                a, b, (dims, ((), ())), preferred_element_type=acc
+            )
+            return dot(x, w, ((1,), (0,))), dot(g, w, ((1,), (1,))), dot(x, g, ((0,), (0,)))
+
+        return jax.jit(three).lower(x, w, g).compile(), (x, w, g)
+
     def _compile(self, step: Any) -> Any:
         return jax.jit(step, donate_argnums=0).lower(self.state, self.batch_arrays).compile()
 
@@ -262,6 +290,7 @@ class Bench:
             self.time_forward()
         self.train_times.clear()
         self.rest_times.clear()
+        self.head_matmul_times.clear()
         self.forward_times.clear()
         self.peak_mem_bytes = peak_mem_bytes()
         self.faults = 0
@@ -282,6 +311,10 @@ class Bench:
         self.state, metrics = self.rest_step(self.state, self.batch_arrays)
         jax.block_until_ready((self.state, metrics))
         self.rest_times.append(time.perf_counter() - t0)
+        fn, operands = self.head_matmuls
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*operands))
+        self.head_matmul_times.append(time.perf_counter() - t0)
 
     def time_forward(self) -> None:
         t0 = time.perf_counter()
@@ -294,6 +327,8 @@ class Bench:
         fwd_s = statistics.median(self.forward_times)
         achieved = self.flops / step_s / 1e9 if self.flops else None
         rest_s = statistics.median(self.rest_times) if self.rest_times else None
+        mm = self.head_matmul_times
+        mm_s = statistics.median(mm) if mm else None
         return {
             "model": self.spec,
             "ce_impl": self.ce_impl,
@@ -318,6 +353,8 @@ class Bench:
             "peak_fraction": achieved / peak_gflops if achieved and peak_gflops else None,
             "rest_ms": rest_s * 1e3 if rest_s is not None else None,
             "head_ms": (step_s - rest_s) * 1e3 if rest_s is not None else None,
+            "head_matmul_ms": mm_s * 1e3 if mm_s is not None else None,
+            "head_over_matmuls": (step_s - rest_s) / mm_s if mm_s else None,
             "page_faults_per_step": self.faults / len(self.train_times),
             "rss_growth_bytes": peak_mem_bytes() - self.peak_mem_bytes,
             "repeats": len(self.train_times),
@@ -365,8 +402,10 @@ def markdown(records: list[dict[str, Any]]) -> str:
     lines = [
         "| model | T | params | compile (s) | step (ms) | train tok/s | x first | "
         "fwd tok/s | x first | peak mem (MiB) | compiled mem (MiB) | x first | "
-        "GFLOP/step | GFLOP/s | of peak | head+CE (ms) | rest (ms) | faults/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "GFLOP/step | GFLOP/s | of peak | head+CE (ms) | its 3 matmuls (ms) | x matmuls | "
+        "rest (ms) | faults/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|---:|",
     ]
     for r in records:
         f = first[r["seq_len"]]
@@ -385,6 +424,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
             f"{_mib(r['peak_mem_bytes'])} | {_mib(r['compiled_mem_bytes'])} | {mem_ratio} | "
             f"{_num(r.get('gflop_per_step'), '.1f')} | {_num(r.get('achieved_gflops'), '.1f')} | "
             f"{_num(r.get('peak_fraction'), '.0%')} | {_num(r.get('head_ms'), ',.0f')} | "
+            f"{_num(r.get('head_matmul_ms'), ',.0f')} | "
+            f"{_num(r.get('head_over_matmuls'), '.2f')} | "
             f"{_num(r.get('rest_ms'), ',.0f')} | {_num(r.get('page_faults_per_step'), ',.0f')} |"
         )
     return "\n".join(lines)

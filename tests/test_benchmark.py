@@ -53,6 +53,10 @@ def test_benchmark_end_to_end(tmp_path, capsys):
         assert r["compiled_mem_bytes"] > 0
         assert r["params"] == expected_params(r["model"])
         assert r["repeats"] == 2
+        if r["head_ms"] is not None:  # the head's three matmuls, timed at the step's shapes
+            assert r["head_matmul_ms"] > 0
+            assert r["head_over_matmuls"] == pytest.approx(r["head_ms"] / r["head_matmul_ms"])
+    assert any(r["head_ms"] is not None for r in records)
     text = capsys.readouterr().out
     assert md.read_text().strip() in text
     # The "x first" columns are tokens/s ratios against the first model.

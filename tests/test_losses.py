@@ -45,7 +45,7 @@ def _plain(x, w, t, m):
     return losses.head_cross_entropy_reference(x, w, jnp.where(m, t, 0), m)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 23, 1000])
+@pytest.mark.parametrize("chunk", [1, 7, 23, 1000, None])
 def test_fused_matches_plain_values_and_gradients(chunk):
     x, w, t, m = _inputs()
     fused = lambda *a: losses.head_cross_entropy(*a, chunk_size=chunk)  # noqa: E731
@@ -57,6 +57,13 @@ def test_fused_matches_plain_values_and_gradients(chunk):
     # Ignored positions get no gradient and do not count.
     assert np.all(np.asarray(gx1)[~np.asarray(m)] == 0)
     assert float(losses.head_cross_entropy(x, w, t, m)[1]) == float(m.sum())
+
+
+def test_auto_head_chunk_holds_about_4m_logits_in_multiples_of_8():
+    assert losses.auto_head_chunk(50257) == 80  # 4,194,304 // 50257 = 83
+    assert losses.auto_head_chunk(259) == losses.HEAD_CHUNK_MAX
+    assert losses.auto_head_chunk(10**7) == 8
+    assert losses.auto_head_chunk(50257) * 50257 <= losses.HEAD_CHUNK_LOGITS
 
 
 def test_fused_without_differentiation_and_all_ignored():
@@ -198,4 +205,5 @@ def test_loss_config_validates_ce_impl_and_chunk():
         LossConfig(ce_impl="fast")
     with pytest.raises(cfgs.ConfigError, match=r"LossConfig\.head_chunk = .* allowed"):
         LossConfig(head_chunk=0)
+    assert LossConfig(head_chunk=None).head_chunk is None  # null: auto_head_chunk
     assert dataclasses.replace(LossConfig(), ce_impl="plain").ce_impl == "plain"

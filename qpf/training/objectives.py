@@ -32,7 +32,8 @@ class LossConfig:
     benchmark used 0.05, off by default); qfe_threshold: its amplitude gate τ_A.
     ce_impl: how the token CE is computed when the model returns pre-head features:
     'fused' (``losses.head_cross_entropy``: head and CE in chunks of ``head_chunk``
-    positions, no full logits) or 'plain' (full logits, then log-softmax: the reference).
+    positions, no full logits; null: ``losses.auto_head_chunk`` of the vocabulary) or
+    'plain' (full logits, then log-softmax: the reference).
     Models that return logits always take the plain path.
     """
 
@@ -45,16 +46,18 @@ class LossConfig:
     qfe: float = 0.0
     qfe_threshold: float = 0.01
     ce_impl: str = "fused"
-    head_chunk: int = losses.HEAD_CHUNK
+    head_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.ce_impl not in CE_IMPLS:
             raise ConfigError(
                 f"LossConfig.ce_impl = {self.ce_impl!r} is invalid: allowed " + ", ".join(CE_IMPLS)
             )
-        if not (isinstance(self.head_chunk, int) and self.head_chunk >= 1):
+        chunk = self.head_chunk
+        if chunk is not None and not (isinstance(chunk, int) and chunk >= 1):
             raise ConfigError(
-                f"LossConfig.head_chunk = {self.head_chunk!r} is invalid: allowed an int >= 1"
+                f"LossConfig.head_chunk = {chunk!r} is invalid: allowed an int >= 1, or null "
+                "(chunks of about 4M logits)"
             )
         for f in dataclasses.fields(self):
             if f.name in ("ce_impl", "head_chunk"):
