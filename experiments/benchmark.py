@@ -243,7 +243,7 @@ class Bench:
                 )
             )
         self.rest_times: list[float] = []
-        self.head_matmuls = self._head_matmuls(module, tokens) if self.rest_step else None
+        self.head_shape = self._head_shape(module, tokens) if self.rest_step else None
         self.head_matmul_times: list[float] = []
         self.faults = 0
 
@@ -258,13 +258,19 @@ class Bench:
         self.forward_times: list[float] = []
         self.loss = math.nan
 
-    def _head_matmuls(self, module: Any, tokens: jax.Array) -> tuple[Any, tuple]:
-        """The head's three matmuls at this step's shapes, compiled, with their operands."""
+    def _head_shape(self, module: Any, tokens: jax.Array) -> tuple[int, int, int]:
+        """(positions with a target, head features F, vocabulary V) of this step."""
         out = jax.eval_shape(
             lambda p, t: apply_for_features(module, {"params": p}, t), self.state.params, tokens
         )
-        f, v = out.head_weight.shape
-        n = tokens.shape[0] * (tokens.shape[1] - 1)
+        return (tokens.shape[0] * (tokens.shape[1] - 1), *out.head_weight.shape)
+
+    def time_head_matmuls(self, repeats: int) -> None:
+        """Time the head's three matmuls alone. Run after every model's timed steps and
+        memory readings: their full ``[positions, V]`` operands would inflate the peak RSS."""
+        if self.head_shape is None:
+            return
+        n, f, v = self.head_shape
         dtype = jnp.dtype(self.config.dtype)
         key = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(key[0], (n, f), dtype)
@@ -278,7 +284,20 @@ class Bench:
             )
             return dot(x, w, ((1,), (0,))), dot(g, w, ((1,), (1,))), dot(x, g, ((0,), (0,)))
 
-        return jax.jit(three).lower(x, w, g).compile(), (x, w, g)
+        fn = jax.jit(three).lower(x, w, g).compile()
+        jax.block_until_ready(fn(x, w, g))
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(x, w, g))
+            self.head_matmul_times.append(time.perf_counter() - t0)
+
+    def head_matmul_fields(self) -> dict[str, float | None]:
+        """``head_matmul_ms`` and ``head_over_matmuls`` (None without a head split)."""
+        if not self.head_matmul_times or not self.rest_times:
+            return {"head_matmul_ms": None, "head_over_matmuls": None}
+        mm_s = statistics.median(self.head_matmul_times)
+        head_s = statistics.median(self.train_times) - statistics.median(self.rest_times)
+        return {"head_matmul_ms": mm_s * 1e3, "head_over_matmuls": head_s / mm_s}
 
     def _compile(self, step: Any) -> Any:
         return jax.jit(step, donate_argnums=0).lower(self.state, self.batch_arrays).compile()
@@ -290,7 +309,6 @@ class Bench:
             self.time_forward()
         self.train_times.clear()
         self.rest_times.clear()
-        self.head_matmul_times.clear()
         self.forward_times.clear()
         self.peak_mem_bytes = peak_mem_bytes()
         self.faults = 0
@@ -311,10 +329,6 @@ class Bench:
         self.state, metrics = self.rest_step(self.state, self.batch_arrays)
         jax.block_until_ready((self.state, metrics))
         self.rest_times.append(time.perf_counter() - t0)
-        fn, operands = self.head_matmuls
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*operands))
-        self.head_matmul_times.append(time.perf_counter() - t0)
 
     def time_forward(self) -> None:
         t0 = time.perf_counter()
@@ -327,8 +341,6 @@ class Bench:
         fwd_s = statistics.median(self.forward_times)
         achieved = self.flops / step_s / 1e9 if self.flops else None
         rest_s = statistics.median(self.rest_times) if self.rest_times else None
-        mm = self.head_matmul_times
-        mm_s = statistics.median(mm) if mm else None
         return {
             "model": self.spec,
             "ce_impl": self.ce_impl,
@@ -353,8 +365,6 @@ class Bench:
             "peak_fraction": achieved / peak_gflops if achieved and peak_gflops else None,
             "rest_ms": rest_s * 1e3 if rest_s is not None else None,
             "head_ms": (step_s - rest_s) * 1e3 if rest_s is not None else None,
-            "head_matmul_ms": mm_s * 1e3 if mm_s is not None else None,
-            "head_over_matmuls": (step_s - rest_s) / mm_s if mm_s else None,
             "page_faults_per_step": self.faults / len(self.train_times),
             "rss_growth_bytes": peak_mem_bytes() - self.peak_mem_bytes,
             "repeats": len(self.train_times),
@@ -381,6 +391,9 @@ def bench_length(
         for bench in benches:
             bench.time_forward()
     records = [b.record(peak_gflops) for b in benches]
+    for bench, record in zip(benches, records, strict=True):
+        bench.time_head_matmuls(args.steps)
+        record.update(bench.head_matmul_fields())
     del benches  # free the states before the next length
     return records
 
