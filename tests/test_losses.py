@@ -66,6 +66,34 @@ def test_auto_head_chunk_holds_about_4m_logits_in_multiples_of_8():
     assert losses.auto_head_chunk(50257) * 50257 <= losses.HEAD_CHUNK_LOGITS
 
 
+def test_bfloat16_head_dtype_rounds_operands_only():
+    """``LossConfig.head_dtype='bfloat16'`` on float32 features: the CE equals a float64
+    numpy CE of the bf16-rounded operands (so only the operands are rounded: accumulation,
+    logsumexp and the gradients stay float32), on both CE paths, and differs from float32."""
+    x, w, t, m = _inputs(3)
+    tokens = jnp.zeros((N[0], N[1] + 1), jnp.int32).at[:, 1:].set(jnp.where(m, t, 0))
+    mask = jnp.ones(tokens.shape, bool).at[:, 1:].set(m)
+    feats = jnp.concatenate([x, jnp.zeros((N[0], 1, F))], axis=1)
+    out = ModelOutput(None, None, jnp.zeros(()), {}, features=feats, head_weight=w)
+    r = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float64)  # noqa: E731
+    logits = r(x) @ r(w)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    tgt = np.take_along_axis(logits, np.asarray(jnp.where(m, t, 0))[..., None], -1)[..., 0]
+    want = ((lse - tgt) * np.asarray(m)).sum() / np.asarray(m).sum()
+    f32 = objective_terms(out, tokens, mask, LossConfig())["ce"]
+    for impl in ("fused", "plain"):
+        cfg = LossConfig(ce_impl=impl, head_dtype="bfloat16", head_chunk=7)
+        got = jax.jit(lambda o, c=cfg: objective_terms(o, tokens, mask, c)["ce"])(out)
+        np.testing.assert_allclose(got, want, rtol=2e-6, err_msg=impl)
+        assert abs(float(got) - float(f32)) > 1e-4  # the rounding is real
+        grad = jax.grad(
+            lambda f, c=cfg: objective_terms(out.replace(features=f), tokens, mask, c)["ce"]
+        )(feats)
+        assert grad.dtype == jnp.float32
+    with pytest.raises(cfgs.ConfigError, match=r"LossConfig\.head_dtype = 'fp8'.*bfloat16"):
+        LossConfig(head_dtype="fp8")
+
+
 def test_fused_without_differentiation_and_all_ignored():
     x, w, t, m = _inputs(1)
     total, count = jax.jit(losses.head_cross_entropy)(x, w, t, m)

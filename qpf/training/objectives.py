@@ -20,6 +20,7 @@ from qpf.training import qfe
 Array = jax.Array
 
 CE_IMPLS = ("fused", "plain")
+HEAD_DTYPES = (None, "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,9 @@ class LossConfig:
     positions, no full logits; null: ``losses.auto_head_chunk`` of the vocabulary) or
     'plain' (full logits, then log-softmax: the reference).
     Models that return logits always take the plain path.
+    head_dtype: the dtype of the LM head's matmuls when the model returns pre-head
+    features (null: the model's compute dtype; 'bfloat16': bf16 operands with float32
+    accumulation, logsumexp and gradients, on a float32 model too).
     """
 
     ce: float = 1.0
@@ -47,6 +51,7 @@ class LossConfig:
     qfe_threshold: float = 0.01
     ce_impl: str = "fused"
     head_chunk: int | None = None
+    head_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.ce_impl not in CE_IMPLS:
@@ -59,8 +64,13 @@ class LossConfig:
                 f"LossConfig.head_chunk = {chunk!r} is invalid: allowed an int >= 1, or null "
                 "(chunks of about 4M logits)"
             )
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ConfigError(
+                f"LossConfig.head_dtype = {self.head_dtype!r} is invalid: allowed null (the "
+                "model's compute dtype), " + ", ".join(d for d in HEAD_DTYPES if d)
+            )
         for f in dataclasses.fields(self):
-            if f.name in ("ce_impl", "head_chunk"):
+            if f.name in ("ce_impl", "head_chunk", "head_dtype"):
                 continue
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or (f.name != "energy_target" and value < 0):
@@ -121,10 +131,20 @@ def token_ce(out: Any, targets: Array, tmask: Array, cfg: LossConfig) -> tuple[A
     if getattr(out, "features", None) is None:
         return losses.token_cross_entropy(out.logits[:, :-1], targets, tmask)
     if cfg.ce_impl == "plain":
-        logits = losses.head_logits(out.features, out.head_weight)
+        if cfg.head_dtype is None:  # exactly the model's own head
+            logits = losses.head_logits(out.features, out.head_weight)
+        else:  # operands in head_dtype, float32 accumulation and logits (as the fused path)
+            d = jnp.dtype(cfg.head_dtype)
+            f, w = out.features.astype(d), out.head_weight.astype(d)
+            logits = jnp.dot(f, w, preferred_element_type=jnp.promote_types(d, jnp.float32))
         return losses.token_cross_entropy(logits[:, :-1], targets, tmask)
     return losses.head_cross_entropy(
-        out.features[:, :-1], out.head_weight, targets, tmask, chunk_size=cfg.head_chunk
+        out.features[:, :-1],
+        out.head_weight,
+        targets,
+        tmask,
+        chunk_size=cfg.head_chunk,
+        dtype=cfg.head_dtype,
     )
 
 
