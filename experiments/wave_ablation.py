@@ -213,10 +213,10 @@ def table(rows: list[dict], published: bool) -> str:
     head += (
         "one train batch CE (as published) | full val CE | "
         if published
-        else "full val CE (nats/byte) | "
+        else "full val CE (nats/byte) | ± sd over seeds | seeds | "
     )
     head += "train s |\n"
-    head += "|---|---|---|---|---|---|---|" + ("---|" if published else "") + "---|\n"
+    head += "|---|---|---|---|---|---|---|" + ("---|" if published else "---|---|") + "---|\n"
     lines = [head]
     for r in rows:
         cells = [
@@ -229,7 +229,10 @@ def table(rows: list[dict], published: bool) -> str:
         cells.append(r["qfe_lambda"] or "–")
         if published:
             cells.append(f"{r['train_batch_ce']:.4f}")
-        cells += [f"{r['val_ce_full']:.4f}", r["train_seconds"]]
+        cells.append(f"{r['val_ce_full']:.4f}")
+        if not published:
+            cells += [f"{r['val_ce_sd']:.4f}" if r["seeds"] > 1 else "–", r["seeds"]]
+        cells.append(r["train_seconds"])
         lines.append("| " + " | ".join(str(c) for c in cells) + " |\n")
     return "".join(lines)
 
@@ -241,6 +244,10 @@ def mean_rows(rows: list[dict]) -> list[dict]:
         avg = dict(group[0])
         for key in ("val_ce_full", "train_batch_ce", "train_seconds"):
             avg[key] = float(np.mean([g[key] for g in group]))
+        avg["val_ce_sd"] = float(
+            np.std([g["val_ce_full"] for g in group], ddof=1 if group[1:] else 0)
+        )
+        avg["seeds"] = len(group)
         out.append(avg)
     return out
 

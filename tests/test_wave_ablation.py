@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from experiments import wave_ablation as wa
 
@@ -53,3 +54,18 @@ def test_validation_windows_cover_the_whole_split():
     assert win.shape == (10, 11)
     # Targets of consecutive windows tile the split without gaps or overlap.
     np.testing.assert_array_equal(win[:, 1:].ravel(), val[1:101])
+
+
+def test_seed_rows_average_with_their_spread_in_the_table():
+    row = {"params": 10, "steps": 3, "tokens": 96, "rgd": False, "qfe_lambda": 0.0}
+    rows = [
+        {**row, "name": "baseline", "val_ce_full": v, "train_batch_ce": v, "train_seconds": 1.0}
+        for v in (3.0, 3.2, 3.4)
+    ]
+    (avg,) = wa.mean_rows(rows)
+    assert avg["val_ce_full"] == pytest.approx(3.2)
+    assert avg["val_ce_sd"] == pytest.approx(0.2)  # sample standard deviation
+    assert avg["seeds"] == 3
+    assert "| baseline | 10 | 3 | 96 | – | – | 3.2000 | 0.2000 | 3 | 1.0 |" in wa.table(
+        [avg], published=False
+    )
