@@ -232,7 +232,7 @@ def table(rows: list[dict], published: bool) -> str:
         cells.append(f"{r['val_ce_full']:.4f}")
         if not published:
             cells += [f"{r['val_ce_sd']:.4f}" if r["seeds"] > 1 else "–", r["seeds"]]
-        cells.append(r["train_seconds"])
+        cells.append(f"{r['train_seconds']:.1f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |\n")
     return "".join(lines)
 
