@@ -28,7 +28,7 @@ from qpf.training.objectives import LossConfig
 from qpf.training.optim import OptimConfig
 from qpf.training.restore import read_run_config
 from qpf.training.trainer import Trainer, TrainingDiverged
-from qpf.zoo import resolve_model
+from qpf.zoo import family_names, resolve_model
 
 DEFAULT_DATASET = "tinyshakespeare"
 FALLBACK_DATASET = "pydoc"
@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # validated by the config), and a resumed run sees exactly which options were given.
     p = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__)
     p.add_argument(
-        "--model", default=None, help="model family: qpf (default), transformer, diagrnn"
+        "--model",
+        default=None,
+        help="model family: " + ", ".join(family_names()) + " (default qpf)",
     )
     p.add_argument("--preset", default=None, help="preset name (default tiny), or FAMILY:PRESET")
     p.add_argument("--dataset", default=None, help=f"corpus (default {DEFAULT_DATASET})")

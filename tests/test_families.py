@@ -314,6 +314,7 @@ def test_random_bytes_do_not_leak_the_next_token(spec):
         # depends on the model, so its family's own tests train long enough to measure it.
         pytest.skip(f"declared leaky ({reason}); test_causal asserts the leak")
     ce = random_bytes_eval_ce(b.module, b.params)
+    print(f"{spec}: random-bytes eval CE {ce:.4f} (ln 256 = {LN_256:.4f})")
     assert ce >= LN_256 - LEAK_MARGIN, f"eval CE {ce:.4f} < ln 256 = {LN_256:.4f}: a leak"
 
 
