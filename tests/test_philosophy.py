@@ -85,6 +85,14 @@ def test_buddhi_matches_numpy_token_weighted():
     close(faithful["confidence"], want["confidence"])
 
 
+def test_top2_gap_equals_the_sorted_gap_and_is_zero_on_ties():
+    x = RNG.normal(size=(4, 3, 17)).astype(np.float32)
+    x[0, 0, [2, 9]] = 5.0  # a tied maximum
+    srt = np.sort(x, -1)
+    np.testing.assert_array_equal(ph.top2_gap(jnp.asarray(x)), srt[..., -1] - srt[..., -2])
+    assert float(ph.top2_gap(jnp.asarray(x))[0, 0]) == 0.0
+
+
 def test_buddhi_masked_positions_do_not_count():
     logits = RNG.normal(size=(2, 5, 11)).astype(np.float32)
     mask = np.ones((2, 5), bool)

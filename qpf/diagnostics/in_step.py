@@ -26,7 +26,9 @@ from qpf.ops.losses import head_logits
 Array = jax.Array
 
 INSIGHT_MODES = ("off", "on", "faithful")
-BUDDHI_POSITIONS = 32
+# Measured on the 2-core CPU, qpf:tiny-v5 at 16 x 128 GPT-2 tokens: the step takes 933 ms
+# without metrics, 1,154 ms with Buddhi on 32 positions per row; 8 keep the cost near 5%.
+BUDDHI_POSITIONS = 8
 
 
 def wants_intermediates(module: nn.Module) -> dict[str, bool]:
