@@ -83,12 +83,20 @@ def errors(ours: Any, ref: Any) -> dict[str, Any]:
 
 
 def record(
-    key: str, ours: Any, ref: Any, *, fixture: str | None = None, note: str | None = None
+    key: str,
+    ours: Any,
+    ref: Any,
+    *,
+    fixture: str | None = None,
+    note: str | None = None,
+    deviation: bool = False,
 ) -> None:
     """Append the errors of ``ours`` against ``ref`` under ``key`` to ``$QPF_PARITY_LOG``.
 
     ``ours``, ``ref``: arrays of one shape (any dtype; complex compared as complex).
     ``fixture`` defaults to the file of the enclosing ``each_fixture`` loop, if any.
+    ``deviation``: a documented, tested departure from the reference (the report lists it
+    apart from the parity errors); ``note`` says which.
     No-op when the variable is unset.
     """
     path = os.environ.get(ENV)
@@ -110,6 +118,8 @@ def record(
         line.update(errors(ours, ref))
     if note:
         line["note"] = note
+    if deviation:
+        line["deviation"] = True
     if tag := os.environ.get(TAG_ENV):
         line["tag"] = tag
     data = (json.dumps(line, allow_nan=False) + "\n").encode()
