@@ -21,13 +21,14 @@ from __future__ import annotations
 import glob
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import parity
 import pytest
 from conftest import golden_patterns, require_shared
-from parity_log import record
+from parity_log import name_fixture, record
 
 from qpf.layers.coupler import coupling_loss
 from qpf.models import QPFModel
@@ -49,6 +50,7 @@ def open_golden(path: str | None) -> dict[str, np.ndarray]:
     if path is None:
         require_shared()
         pytest.fail(f"no golden fixture matches {golden_patterns()} (set QPF_V4_GOLDEN)")
+    name_fixture(Path(path).name)
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
