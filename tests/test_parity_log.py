@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import parity_log
@@ -80,3 +84,21 @@ def test_report_aggregates_records_into_rows_per_system_and_dtype():
     assert "| `test_r[float64]` | f.npz | `g` | 2 | float64 | 3e-12 | 2 | 3e-12 |  |  |" in text
     assert "- **wavegpt, float64**: 1 keys; worst abs 3e-12 (`g`), worst rel 3e-12 (`g`)" in text
     assert "- **lightwave, float32**: 1 keys; 1 documented deviations (`h`; see notes)" in text
+
+
+def test_two_processes_appending_at_once_write_whole_lines(log):
+    """As two pytest-xdist workers do: every line intact, none lost."""
+    code = (
+        "import numpy as np, parity_log\n"
+        "for i in range(300):\n"
+        "    parity_log.record(f'{sys.argv[1]}/' + 'k' * 3000 + f'/{i}', np.ones(2), np.ones(2))\n"
+    )
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": tests}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import sys\n" + code, w], env=env)
+        for w in ("w0", "w1")
+    ]
+    assert [p.wait() for p in procs] == [0, 0]
+    keys = [r["key"] for r in lines(log)]
+    assert sorted(keys) == sorted(f"{w}/{'k' * 3000}/{i}" for w in ("w0", "w1") for i in range(300))
