@@ -19,6 +19,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import jax
 import numpy as np
+import parity_log
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def fixture_failures(subdir: str, pattern: str, failures_of) -> list[str]:
     ``pattern`` (``z``: the file as a dict), prefixed by the file name, so a parity test
     reports every failing key of every file, not only the first."""
     failures = []
-    for path in fixture_files(subdir, pattern):
+    for path in parity_log.each_fixture(fixture_files(subdir, pattern)):
         with np.load(path) as z:
             data = {k: z[k] for k in z.files}
         failures += [f"{path.name} {f}" for f in failures_of(data)]
@@ -168,6 +169,7 @@ def fixtures_dir(shared_dir: Path) -> Path:
 
 def load_fixture(name: str) -> dict[str, np.ndarray]:
     """A module fixture from shared/fixtures as a dict (skips if the folder is absent)."""
+    parity_log.name_fixture(name)
     with np.load(require_shared() / "fixtures" / name) as z:
         return {k: z[k] for k in z.files}
 

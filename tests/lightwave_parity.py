@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from parity_log import record
 
 from qpf.models import lightwave_weights as lww
 
@@ -40,13 +41,16 @@ class Report:
     """Collects per-key errors and failures of one fixture file and dtype."""
 
     def __init__(self, name: str) -> None:
+        """``name``: "<fixture file> <dtype>"."""
         self.name = name
+        self.fixture = name.split(" ", 1)[0]
         self.stats: dict[str, tuple[float, float]] = {}
         self.scaled: dict[str, tuple[float, float]] = {}
         self.failures: list[str] = []
 
     def close(self, key: str, got: Any, want: Any, tol: tuple[float, float]) -> None:
         got = np.asarray(got, np.float64)
+        record(key, got, pairs(want), fixture=self.fixture)
         want = np.asarray(pairs(want), np.float64)
         if got.shape != want.shape:
             self.failures.append(f"{key}: shape {got.shape} != {want.shape}")
@@ -66,6 +70,7 @@ class Report:
 
     def equal(self, key: str, got: Any, want: Any) -> None:
         got, want = np.asarray(got), np.asarray(want)
+        record(key, got, want, fixture=self.fixture)
         if got.shape != want.shape or not np.array_equal(got, want):
             self.failures.append(f"{key}: differs (got {got.tolist()}, want {want.tolist()})")
         else:

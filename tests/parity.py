@@ -17,10 +17,12 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
+from parity_log import record
 
 
 def close(name: str, ours, ref, rtol: float, atol: float) -> list[str]:
     """[] when ``ours`` matches ``ref`` within rtol/atol, else one line naming the worst entry."""
+    record(name, ours, ref)
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     if ours.shape != ref.shape:
         return [f"{name}: shape {ours.shape} != reference {ref.shape}"]
@@ -55,6 +57,7 @@ def align_topk(ours_idx, ref_idx, *ours_values) -> tuple[list[np.ndarray], np.nd
 def topk(name: str, ours_idx, ref_idx, ours_w, ref_w, rtol: float, atol: float) -> list[str]:
     """Failures of a top-k read: different selected sets, or weights off after alignment."""
     (aligned_w,), differs = align_topk(ours_idx, ref_idx, ours_w)
+    record(f"{name} selected sets", np.sort(ours_idx, -1), np.sort(ref_idx, -1))
     failures = []
     if differs.any():
         where = tuple(int(j) for j in np.argwhere(differs)[0])
@@ -64,6 +67,13 @@ def topk(name: str, ours_idx, ref_idx, ours_w, ref_w, rtol: float, atol: float) 
             f"{sorted(np.asarray(ref_idx)[where].tolist())}"
         )
     return failures + close(f"{name} weights (rank-aligned)", aligned_w, ref_w, rtol, atol)
+
+
+def assert_allclose(key: str, actual, desired, **tolerances) -> None:
+    """``np.testing.assert_allclose(actual, desired, **tolerances)``, the comparison recorded
+    under ``key`` in the parity log (``tests/parity_log.py``)."""
+    record(key, actual, desired)
+    np.testing.assert_allclose(actual, desired, **tolerances)
 
 
 def report(failures: list[str]) -> None:

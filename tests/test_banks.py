@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 import pytest
 from conftest import load_fixture
 
@@ -37,10 +38,12 @@ def test_parity_bank_fixture(name):
     ids = jnp.ones((x.shape[0],), jnp.int32) if name == "language" else None
     y, state = bank.apply({"params": params}, x, language_ids=ids)
     assert state is None
-    np.testing.assert_allclose(p2d.to_torch_layout(y), z["output"], rtol=1e-4, atol=1e-5)
+    parity.assert_allclose("output", p2d.to_torch_layout(y), z["output"], rtol=1e-4, atol=1e-5)
     if name == "language":
         y0, _ = bank.apply({"params": params}, x)  # language_ids default to 0
-        np.testing.assert_allclose(p2d.to_torch_layout(y0), z["output_lang0"], rtol=1e-4, atol=1e-5)
+        parity.assert_allclose(
+            "output_lang0", p2d.to_torch_layout(y0), z["output_lang0"], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_language_bank_selects_the_language_per_row():

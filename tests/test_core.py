@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 from conftest import load_fixture
 
 from qpf.layers.core import CayleyRotation, Phase2DEmbed, Phase2DLinear
@@ -38,10 +39,10 @@ def test_parity_iota_block_fixture():
     z = load_fixture("iota_block.npz")
     x = p2d.from_torch_layout(jnp.asarray(z["input"]))
     y = CayleyRotation().apply({"params": {"skew": z["param/skew_params"]}}, x)
-    np.testing.assert_allclose(p2d.to_torch_layout(y), z["output"], rtol=1e-4, atol=1e-5)
+    parity.assert_allclose("output", p2d.to_torch_layout(y), z["output"], rtol=1e-4, atol=1e-5)
     c, s = p2d.cayley(jnp.asarray(z["param/skew_params"]))
-    np.testing.assert_allclose(c, z["cos"], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(s, z["sin"], rtol=1e-6, atol=1e-7)
+    parity.assert_allclose("cos", c, z["cos"], rtol=1e-6, atol=1e-7)
+    parity.assert_allclose("sin", s, z["sin"], rtol=1e-6, atol=1e-7)
 
 
 def test_embedding_looks_up_both_planes():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 from conftest import load_fixture
 
 from qpf import config as cfgs
@@ -24,10 +25,14 @@ def test_parity_morph_embed_fixture():
     embed = MorphologyEmbed(cfg=cfg, dim=32)
     ids = [jnp.asarray(z[k]) for k in ("root_ids", "prefix_ids", "suffix_ids")]
     out = embed.apply({"params": params}, *ids)
-    np.testing.assert_allclose(p2d.to_torch_layout(out), z["output"], rtol=1e-4, atol=1e-5)
+    parity.assert_allclose("output", p2d.to_torch_layout(out), z["output"], rtol=1e-4, atol=1e-5)
     bare = embed.apply({"params": params}, *ids, apply_magnitude=False)
-    np.testing.assert_allclose(
-        p2d.to_torch_layout(bare), z["output_no_magnitude"], rtol=1e-4, atol=1e-5
+    parity.assert_allclose(
+        "output_no_magnitude",
+        p2d.to_torch_layout(bare),
+        z["output_no_magnitude"],
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -39,7 +44,7 @@ def test_parity_byte_patcher_fixture():
     encoder = BytePatchEncoder(vocab_size=259, dim=32, patch_size=4)
     out = encoder.apply({"params": params}, jnp.asarray(z["input"]))
     assert out.shape[1] == int(z["info"][1]) == 5
-    np.testing.assert_allclose(p2d.to_torch_layout(out), z["output"], rtol=1e-4, atol=1e-5)
+    parity.assert_allclose("output", p2d.to_torch_layout(out), z["output"], rtol=1e-4, atol=1e-5)
 
 
 def test_byte_decoder_target_sees_only_earlier_positions_of_its_patch():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 from conftest import load_fixture
 
 from qpf.layers.core import Phase2DLayerNorm
@@ -39,7 +40,7 @@ def test_parity_phase2d_layernorm_fixture():
     z = load_fixture("phase2d_layernorm.npz")
     x = p2d.from_torch_layout(jnp.asarray(z["input"]))
     got = Phase2DLayerNorm().apply({"params": {"scale": z["param/scale"]}}, x)
-    np.testing.assert_allclose(p2d.to_torch_layout(got), z["output"], rtol=1e-4, atol=1e-5)
+    parity.assert_allclose("output", p2d.to_torch_layout(got), z["output"], rtol=1e-4, atol=1e-5)
 
 
 def test_layer_norm_bfloat16_input_computes_in_float32():

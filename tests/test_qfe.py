@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from conftest import fixture_failures
+from parity_log import record
 
 from qpf.training import qfe
 
@@ -49,6 +50,7 @@ def check(got: dict, z: dict, prefix: str, f64: bool) -> list[str]:
     tol = F64 if f64 else F32
     for name, value in got.items():
         key = f"{'f64/' if f64 else ''}{prefix}/{name}"
+        record(key, value, z[key])
         if not np.allclose(value, z[key], **tol):
             failures.append(f"{key}: max abs err {np.max(np.abs(value - z[key])):.3g}")
     return failures

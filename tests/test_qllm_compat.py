@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import fixture_failures, fixture_files
+from parity_log import each_fixture, record
 
 from qpf.models.qllm import QLLM, QLLMConfig
 from qpf.models.qllm_compat import (
@@ -91,6 +92,7 @@ def compare(
         if name not in got:
             failures.append(f"{key}: stored but not computed by the port")
             continue
+        record(key, got[name], z[key])
         ref, val = z[key].astype(np.float64), got[name].astype(np.float64)
         if ref.shape != val.shape:
             failures.append(f"{key}: shape {val.shape} != {ref.shape}")
@@ -164,15 +166,19 @@ def generate_outputs(z: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarra
 def test_generate_parity(mode: str) -> None:
     """Windowed greedy and penalised generation (ids exact, step logits) and sampler probs."""
     failures = []
-    for path in fixture_files("qllm", "qllm_generate*.npz"):
+    for path in each_fixture(fixture_files("qllm", "qllm_generate*.npz")):
         z = load(path)
         got = generate_outputs(z, mode)
         exact = [k for k in z if k.endswith(("/ids", "/text", "/error")) and k not in INPUTS]
         for key in exact:
             if key.endswith("/error"):
-                if not np.isnan(got[key.replace("/error", "/probs")]).all():
+                raised = bool(np.isnan(got[key.replace("/error", "/probs")]).all())
+                record(key, raised, True, note="upstream raised: the port's probs must be NaN")
+                if not raised:
                     failures.append(f"{path.name} {key}: upstream raised, the port did not")
-            elif not np.array_equal(got[key], z[key]):
+                continue
+            record(key, got[key], z[key])
+            if not np.array_equal(got[key], z[key]):
                 failures.append(f"{path.name} {key}: {got[key]} != {z[key]}")
         numeric = {k: v for k, v in z.items() if k not in exact and k not in INPUTS}
         fails, _ = compare(numeric, got, mode)

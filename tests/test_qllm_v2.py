@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import fixture_files
+from parity_log import name_fixture, record
 
 from qpf.config import ConfigError
 from qpf.models.qllm_v2 import (
@@ -58,6 +59,7 @@ def _compare(got: dict, z: dict, prefix: str, tol: dict, failures: list[str]) ->
             continue
         ref, value = z[ref_key], np.asarray(value)
         checked += 1
+        record(ref_key, value, ref)
         if ref.shape != value.shape:
             failures.append(f"{ref_key}: shape {value.shape} != {ref.shape}")
         elif not np.allclose(value, ref, **tol):
@@ -125,6 +127,7 @@ def _evolve_keys(z: dict, prefix: str, dtype: str) -> dict:
 
 def _parity(path, dtype: str) -> None:
     z = _load(path)
+    name_fixture(path.name)
     prefix = "f64/" if dtype == "float64" else ""
     tol = F64_TOL if dtype == "float64" else F32_TOL
     model, cfg, params = _model(z, dtype)

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from parity_log import each_fixture, record
 
 from qpf.models.qllm_v3 import QLLMv3, consciousness_weights
 from qpf.models.qllm_v3_weights import config_from_kwargs, load_torch_state_dict
@@ -54,11 +55,15 @@ class Checker:
         self.z, self.dtype, self.failures = z, dtype, []
         self.rtol, self.atol = TOL[dtype]
 
-    def expected(self, key: str) -> np.ndarray | None:
+    def stored_key(self, key: str) -> str:
+        """The fixture key ``key`` is checked against (its f64/ copy in a float64 run)."""
         is_int = key.rsplit("/", 1)[-1] in INT_KEYS or key == "fwd1/consolidated"
         if self.dtype == "float64" and not is_int and f"f64/{key}" in self.z:
-            return self.z[f"f64/{key}"]
-        return self.z.get(key)
+            return f"f64/{key}"
+        return key
+
+    def expected(self, key: str) -> np.ndarray | None:
+        return self.z.get(self.stored_key(key))
 
     def check(self, key: str, got) -> None:
         want = self.expected(key)
@@ -66,6 +71,7 @@ class Checker:
             self.failures.append(f"{key}: missing in fixture")
             return
         got = np.asarray(got)
+        record(self.stored_key(key), got, want)
         if got.shape != want.shape:
             self.failures.append(f"{key}: shape {got.shape} vs {want.shape}")
             return
@@ -147,6 +153,7 @@ def check_state(chk: Checker, variables, state, prefix: str | None, keys) -> Non
         if prefix is None:
             want = chk.z[f"param/{key}"]
             got = named[key]
+            record(f"param/{key}", got, want, note="state before call 1")
             if not np.allclose(got, want, rtol=0, atol=0):
                 chk.failures.append(f"state before call 1 {key}: differs from param/{key}")
         else:
@@ -171,7 +178,7 @@ def losses(chk: Checker, params, ids, targets, logits_c, logits_e) -> None:
 
 def test_v3_golden_parity_eval_calls(parity_dtype):
     dtype = parity_dtype
-    for path in fixture_files("v3", "v3_golden_T*.npz"):
+    for path in each_fixture(fixture_files("v3", "v3_golden_T*.npz")):
         z, model, variables = load(path, dtype)
         chk = Checker(z, dtype)
         n = model.config.num_layers
@@ -216,7 +223,7 @@ def dp_branches(chk: Checker, model: QLLMv3, variables) -> None:
 
 def test_v3_hybrid_step_parity_train_mode(parity_dtype):
     dtype = parity_dtype
-    for path in fixture_files("v3", "v3_hybrid_step_T*.npz"):
+    for path in each_fixture(fixture_files("v3", "v3_hybrid_step_T*.npz")):
         z, model, variables = load(path, dtype)
         chk = Checker(z, dtype)
         step = json.loads(str(z["config_json"]))["call"]["training_step"]
@@ -233,6 +240,7 @@ def test_v3_hybrid_step_parity_train_mode(parity_dtype):
             check_call(chk, prefix, out, upd, n)
             check_state(chk, variables, upd["state"], prefix, all_keys)
             fired = upd["intermediates"].get("consolidated", (np.bool_(False),))[0]
+            record(prefix + "consolidated", fired, chk.z[prefix + "consolidated"])
             if chk.z[prefix + "consolidated"] != np.asarray(fired):
                 chk.failures.append(
                     f"{prefix}consolidated: {fired} vs {z[prefix + 'consolidated']}"

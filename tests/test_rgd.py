@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import fixture_files
+from parity_log import each_fixture, record
 
 from qpf.config import ConfigError
 from qpf.models import wavegpt_weights as ww
@@ -75,9 +76,15 @@ def run_optimizer(z: dict, run: str, hp: dict, dtype: str) -> list[str]:
             for n in keys:
                 ref = z[f"{pre}{run}/step{s}/{kind}/{n}"]
                 val = np.asarray(tree[n], np.float64)
+                record(f"{pre}{run}/step{s}/{kind}/{n}", val, ref)
                 if not np.allclose(val, ref, **tol[kind]):
                     err = np.max(np.abs(val - ref))
                     failures.append(f"{run}/step{s}/{kind}/{n}: max abs err {err:.3g}")
+        record(f"{run}/step{s}/step_count", state.count, z[f"{run}/step{s}/step_count"])
+        steps = np.array([int(k) for k in jax.tree.leaves(state.steps)])
+        record(
+            f"{run}/step{s}/state_step", steps, np.full_like(steps, z[f"{run}/step{s}/state_step"])
+        )
         if int(state.count) != int(z[f"{run}/step{s}/step_count"]):
             failures.append(f"{run}/step{s}/step_count: {int(state.count)}")
         if any(int(k) != int(z[f"{run}/step{s}/state_step"]) for k in jax.tree.leaves(state.steps)):
@@ -88,7 +95,7 @@ def run_optimizer(z: dict, run: str, hp: dict, dtype: str) -> list[str]:
 def test_rgd_parity_optimizer_steps(parity_dtype):
     dtype = parity_dtype
     failures = []
-    for path in fixture_files("wavegpt", "rgd_step*.npz"):
+    for path in each_fixture(fixture_files("wavegpt", "rgd_step*.npz")):
         z = load(path)
         runs = json.loads(str(z["config_json"]))["call"]["runs"]
         for run, hp in runs.items():
@@ -127,16 +134,18 @@ def test_rgd_parity_model_gradients(parity_dtype):
     tol = {"rtol": 1e-7, "atol": 1e-9} if f64 else {"rtol": 1e-4, "atol": 1e-5}
     pre = "f64/" if f64 else ""
     failures = []
-    for path in fixture_files("wavegpt", "rgd_step*.npz"):
+    for path in each_fixture(fixture_files("wavegpt", "rgd_step*.npz")):
         z = load(path)
         for s, params_key in ((1, "param/"), (2, f"{pre}bench/step1/param/")):
             grads, value = torch_grads(z, params_key, dtype)
+            record(f"{pre}bench/step{s}/loss", value, z[f"{pre}bench/step{s}/loss"])
             if not np.isclose(value, z[f"{pre}bench/step{s}/loss"], **tol):
                 failures.append(
                     f"{path.name} bench/step{s}/loss: {value} vs {z[f'{pre}bench/step{s}/loss']}"
                 )
             for n, g in grads.items():
                 ref = z[f"{pre}grad/step{s}/{n}"]
+                record(f"{pre}grad/step{s}/{n}", g, ref)
                 if not np.allclose(g, ref, **tol):
                     failures.append(
                         f"{path.name} grad/step{s}/{n}: max abs err {np.max(np.abs(g - ref)):.3g}"

@@ -288,6 +288,7 @@ def test_scan_and_parity_subset_passes_at_the_default_xla_optimisation_level():
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(repo)}
+    env["QPF_PARITY_LOG_TAG"] = "XLA default optimisation level"  # its parity-log lines
     if files := golden_files():  # none: the subprocess fails or skips with the reason
         env["QPF_V4_GOLDEN"] = max(files, key=lambda f: np.load(f)["input_ids"].shape[-1])
     forward = "tests/test_scan.py::test_backends_match_sequential_forward_float32"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 import pytest
 from conftest import load_fixture
+from parity_log import record
 
 from qpf import config as cfgs
 from qpf.layers.ssm import OscillatorySSM, OscillatorySSMLayer
@@ -31,12 +33,23 @@ def test_parity_ssm_layer_T130_fixture(scan_type, chunk):
     x = p2d.from_torch_layout(jnp.asarray(z["input"]))
     h0 = p2d.from_torch_layout(jnp.asarray(z["h0"]))
     y, state = layer.apply({"params": params}, x, h0)
-    np.testing.assert_allclose(p2d.to_torch_layout(y), z["output"], rtol=1e-4, atol=1e-5)
+    parity.assert_allclose("output", p2d.to_torch_layout(y), z["output"], rtol=1e-4, atol=1e-5)
     # Exact after 130 steps; the original's padded state is off by up to ~0.2 (bug 22.3).
-    np.testing.assert_allclose(p2d.to_torch_layout(state), z["state_exact"], rtol=1e-4, atol=1e-5)
+    parity.assert_allclose(
+        "state_exact", p2d.to_torch_layout(state), z["state_exact"], rtol=1e-4, atol=1e-5
+    )
+    record(
+        "state_padded",
+        p2d.to_torch_layout(state),
+        z["state_padded"],
+        note="the original's padded state (bug 22.3): meant to differ",
+        deviation=True,
+    )
     assert np.abs(p2d.to_torch_layout(state) - z["state_padded"]).max() > 1e-2
     y0, _ = layer.apply({"params": params}, x, jnp.zeros_like(h0))
-    np.testing.assert_allclose(p2d.to_torch_layout(y0), z["output_h0_zero"], rtol=1e-4, atol=1e-5)
+    parity.assert_allclose(
+        "output_h0_zero", p2d.to_torch_layout(y0), z["output_h0_zero"], rtol=1e-4, atol=1e-5
+    )
 
 
 def small_stack(**kw) -> tuple[OscillatorySSM, dict, jax.Array]:

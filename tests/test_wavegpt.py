@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import fixture_failures, fixture_files
+from parity_log import record
 
 from qpf.config import ConfigError
 from qpf.models import wavegpt_weights as ww
@@ -82,6 +83,7 @@ def compare(got: dict, z: dict, keys: list[str], tol: dict, f64: bool) -> list[s
         if key not in got:
             failures.append(f"{key}: not produced")
             continue
+        record(ref_key, got[key], ref)
         g = np.asarray(got[key], np.float64)
         if g.shape != ref.shape:
             failures.append(f"{key}: shape {g.shape} != {ref.shape}")
