@@ -148,9 +148,16 @@ def embedding_phases(params: Mapping[str, Any], ids: np.ndarray) -> np.ndarray |
     """Per-channel phases of chosen token embeddings: ids ``[n]`` -> angles ``[n, d]``.
 
     Works for qpf's Phase2D tables (``embed`` or ``patcher/embed`` with ``embedding_re`` /
-    ``embedding_im``, or a ``[V, 2, d]`` table); None for families without a complex one.
+    ``embedding_im``, or a ``[V, 2, d]`` table) and Lightwave's (``embed`` real and
+    ``imag_embed`` imaginary ``[V, d]`` arrays); None for families without a complex one.
     """
-    emb = params.get("embed") or params.get("patcher", {}).get("embed", {})
+    emb = params.get("embed")
+    if emb is None:
+        emb = params.get("patcher", {}).get("embed", {})
+    if not isinstance(emb, Mapping):  # a bare table: complex only with an imaginary twin
+        if "imag_embed" not in params:
+            return None
+        emb = {"embedding_re": emb, "embedding_im": params["imag_embed"]}
     if "embedding_re" in emb and "embedding_im" in emb:
         re, im = np.asarray(emb["embedding_re"]), np.asarray(emb["embedding_im"])
     else:
